@@ -1,0 +1,98 @@
+"""``fused_info_nce``: the public functional API and the backend dispatch."""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import resolve_backend
+from .ops.chunked import chunked_per_row_loss
+from .ops.features import normalized_features
+from .options import InfoNCEOptions, Temperature
+from .reference import reduce_loss, reference_loss
+from .validation import validate_inputs
+
+
+def fused_info_nce(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor | None = None,
+    *,
+    temperature: Temperature = 0.05,
+    hard_negative_weight: float = 0.0,
+    symmetric: bool = False,
+    anchor_negatives: bool = False,
+    mix_lambda: float | None = None,
+    labels: torch.Tensor | None = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+    check_inputs: bool = True,
+) -> torch.Tensor:
+    """InfoNCE over cosine similarities, without materializing the N x M matrix.
+
+    Drop-in for ``F.cross_entropy(F.normalize(a) @ F.normalize(p).T / tau, arange(N))`` and its
+    SimCSE / sup-SimCSE / MixCSE / symmetric variants (math: :mod:`simcse_kernels.reference`).
+
+    Args:
+        anchors: (N, D) anchor embeddings.
+        positives: (P, D) positives; row ``labels[i]`` (default ``i``) is anchor i's target.
+        negatives: (K, D) extra negatives (SimCSE hard negatives: row i pairs with anchor i).
+        temperature: tau > 0, float or 0-dim tensor (learnable: its gradient is exact).
+        hard_negative_weight: log-weight w added to column ``P + i`` (and to MixCSE's mixed
+            diagonals).
+        symmetric: also the positives -> anchors direction, averaged.
+        anchor_negatives: the other anchors are negatives too.
+        mix_lambda: MixCSE mixing coefficient in [0, 1] (None = off).
+        labels: (N,) target columns in [0, P + K).
+        reduction: "mean" | "sum" | "none".
+        backend: "auto" | "naive" | "torch" | "triton" | "cuda".
+        check_inputs: check NaN/inf and label range (costs one device sync).
+
+    Returns:
+        The loss in float32 (float64 for float64 inputs); shape () or (N,) for "none".
+        Gradients reach anchors, positives, negatives and temperature in their own dtypes.
+    """
+    options = InfoNCEOptions(
+        temperature=temperature,
+        hard_negative_weight=hard_negative_weight,
+        symmetric=symmetric,
+        anchor_negatives=anchor_negatives,
+        mix_lambda=mix_lambda,
+        reduction=reduction,
+        backend=backend,
+        check_inputs=check_inputs,
+    )
+    return info_nce_with_options(anchors, positives, negatives, labels, options)
+
+
+def _n_logits(anchors, positives, negatives, options: InfoNCEOptions) -> int:
+    n, p = anchors.shape[0], positives.shape[0]
+    k = 0 if negatives is None else negatives.shape[0]
+    extra = n * (int(options.anchor_negatives) + (2 if options.mix_lambda is not None else 0))
+    return n * (p + k + extra)
+
+
+def info_nce_with_options(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    options: InfoNCEOptions,
+) -> torch.Tensor:
+    """:func:`fused_info_nce` with its options already bundled (used by the module)."""
+    negatives, labels = validate_inputs(anchors, positives, negatives, labels, options)
+    backend = resolve_backend(options.backend, anchors.device, _n_logits(anchors, positives, negatives, options))
+    if backend == "naive":
+        return reference_loss(anchors, positives, negatives, labels, options)
+    if backend == "triton":
+        from .ops.triton_loss import triton_info_nce
+
+        return triton_info_nce(anchors, positives, negatives, labels, options)
+    if backend == "cuda":
+        from .ops.cuda_loss import cuda_info_nce
+
+        return cuda_info_nce(anchors, positives, negatives, labels, options)
+    feats = normalized_features(anchors, positives, negatives, options)
+    per_row = chunked_per_row_loss(
+        feats, labels, options.hard_negative_weight, options.anchor_negatives, options.symmetric
+    )
+    return reduce_loss(per_row, options.reduction)

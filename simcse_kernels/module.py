@@ -1,0 +1,79 @@
+"""``FusedInfoNCE``: the ``nn.Module`` face of :func:`simcse_kernels.fused_info_nce`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .functional import info_nce_with_options
+from .options import InfoNCEOptions, Temperature
+
+
+class FusedInfoNCE(nn.Module):
+    """InfoNCE / SimCSE / MixCSE loss module; options as :func:`fused_info_nce`.
+
+    ``learnable_temperature=True`` registers ``log_temperature`` as a parameter (CLIP-style,
+    initialised at ``temperature``); otherwise a tensor ``temperature`` is used as given.
+
+    Example::
+
+        loss_fn = FusedInfoNCE(temperature=0.05)
+        loss = loss_fn(z1, z2)            # unsup SimCSE
+        loss = loss_fn(z1, z2, z3)        # sup SimCSE with hard negatives
+    """
+
+    def __init__(
+        self,
+        temperature: Temperature = 0.05,
+        hard_negative_weight: float = 0.0,
+        symmetric: bool = False,
+        anchor_negatives: bool = False,
+        mix_lambda: float | None = None,
+        reduction: str = "mean",
+        backend: str = "auto",
+        check_inputs: bool = True,
+        learnable_temperature: bool = False,
+    ) -> None:
+        super().__init__()
+        # Validate every option once, here, with the same messages as the functional API.
+        self.options = InfoNCEOptions(
+            temperature=temperature,
+            hard_negative_weight=hard_negative_weight,
+            symmetric=symmetric,
+            anchor_negatives=anchor_negatives,
+            mix_lambda=mix_lambda,
+            reduction=reduction,
+            backend=backend,
+            check_inputs=check_inputs,
+        )
+        self.log_temperature: nn.Parameter | None = None
+        if learnable_temperature:
+            init = float(temperature.detach()) if isinstance(temperature, torch.Tensor) else float(temperature)
+            self.log_temperature = nn.Parameter(torch.tensor(init).log())
+
+    @property
+    def temperature(self) -> Temperature:
+        if self.log_temperature is not None:
+            return self.log_temperature.exp()
+        return self.options.temperature
+
+    def forward(
+        self,
+        anchors: torch.Tensor,
+        positives: torch.Tensor,
+        negatives: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        options = self.options
+        if self.log_temperature is not None:
+            options = InfoNCEOptions(**{**options.__dict__, "temperature": self.temperature})
+        return info_nce_with_options(anchors, positives, negatives, labels, options)
+
+    def extra_repr(self) -> str:
+        o = self.options
+        tau = "learnable" if self.log_temperature is not None else o.temperature
+        return (
+            f"temperature={tau}, hard_negative_weight={o.hard_negative_weight}, symmetric={o.symmetric}, "
+            f"anchor_negatives={o.anchor_negatives}, mix_lambda={o.mix_lambda}, reduction={o.reduction!r}, "
+            f"backend={o.backend!r}"
+        )

@@ -1,0 +1,1 @@
+"""Loss backends: one file per implementation (torch chunked, Triton, CUDA extension)."""

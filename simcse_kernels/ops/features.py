@@ -1,0 +1,71 @@
+"""Shared preparation for the fused backends: normalized features, MixCSE mixtures, tau.
+
+Everything here is O((N + M)·D): the fused backends never build an N x M matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..options import InfoNCEOptions
+from ..reference import NORM_EPS, mixed_features
+
+
+@dataclass
+class NormalizedFeatures:
+    """Unit-norm features in the compute dtype (fp32, or fp64 for fp64 inputs).
+
+    Attributes:
+        anchors: (N, D) â, differentiable w.r.t. the raw anchors.
+        positives: (P, D) p̂, differentiable.
+        negatives: (K, D) n̂ or None, differentiable.
+        mix3: (N, D) normalized detached mixed positives, or None.
+        mix4: (N, D) normalized detached mixed anchors, or None.
+        tau: 0-dim tensor in the compute dtype (keeps the graph of a learnable temperature).
+    """
+
+    anchors: torch.Tensor
+    positives: torch.Tensor
+    negatives: torch.Tensor | None
+    mix3: torch.Tensor | None
+    mix4: torch.Tensor | None
+    tau: torch.Tensor
+
+
+def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp16/bf16/fp32 inputs, fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def temperature_tensor(options: InfoNCEOptions, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """tau as a 0-dim tensor on ``device`` (differentiable when it is a learnable tensor)."""
+    tau = options.temperature
+    if isinstance(tau, torch.Tensor):
+        return tau.reshape(()).to(device=device, dtype=dtype)
+    return torch.tensor(float(tau), device=device, dtype=dtype)
+
+
+def normalized_features(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor | None,
+    options: InfoNCEOptions,
+) -> NormalizedFeatures:
+    """Normalize (in the compute dtype) and build MixCSE's detached mixtures."""
+    dt = compute_dtype_for(anchors.dtype)
+    a, p = anchors.to(dt), positives.to(dt)
+    mix3 = mix4 = None
+    if options.mix_lambda is not None:
+        mix3 = F.normalize(mixed_features(p, options.mix_lambda), dim=-1, eps=NORM_EPS)
+        mix4 = F.normalize(mixed_features(a, options.mix_lambda), dim=-1, eps=NORM_EPS)
+    return NormalizedFeatures(
+        anchors=F.normalize(a, dim=-1, eps=NORM_EPS),
+        positives=F.normalize(p, dim=-1, eps=NORM_EPS),
+        negatives=None if negatives is None else F.normalize(negatives.to(dt), dim=-1, eps=NORM_EPS),
+        mix3=mix3,
+        mix4=mix4,
+        tau=temperature_tensor(options, anchors.device, dt),
+    )

@@ -1,0 +1,84 @@
+"""The loss options, bundled in one dataclass (as apple's ml-cross-entropy does).
+
+Every backend receives the same :class:`InfoNCEOptions`; the math each option adds is written
+once, in :mod:`simcse_kernels.reference`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "naive", "torch", "triton", "cuda")
+
+Temperature = Union[float, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class InfoNCEOptions:
+    """Options of the InfoNCE loss family.
+
+    Attributes:
+        temperature: tau > 0, a Python number or a 0-dim tensor (may require grad: learnable).
+        hard_negative_weight: w, a log-weight added to the logit of each row's own paired hard
+            negative (column ``P + i``) and, with MixCSE, to the diagonal of both mixed blocks
+            (as MixCSE's official code does). 0 means no weighting.
+        symmetric: average the row loss with the column-direction loss (each positive against
+            all anchors), as sentence-transformers' MultipleNegativesSymmetricRankingLoss.
+        anchor_negatives: also use the other anchors as negatives (cos(a_i, a_k)/tau, k != i).
+        mix_lambda: MixCSE's lambda; ``None`` disables the mixed-negative blocks.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per anchor row).
+        backend: ``"auto"``, ``"naive"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        check_inputs: scan inputs for NaN/inf and labels for range (one device sync). Turn off in
+            tight loops once the pipeline is known to be sane.
+    """
+
+    temperature: Temperature = 0.05
+    hard_negative_weight: float = 0.0
+    symmetric: bool = False
+    anchor_negatives: bool = False
+    mix_lambda: float | None = None
+    reduction: str = "mean"
+    backend: str = "auto"
+    check_inputs: bool = True
+
+    def __post_init__(self) -> None:
+        check_temperature_value(self.temperature)
+        w = self.hard_negative_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"hard_negative_weight must be a finite number, got {w!r}")
+        if self.mix_lambda is not None:
+            lam = self.mix_lambda
+            if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (0.0 <= lam <= 1.0):
+                raise ValueError(f"mix_lambda must be a number in [0, 1] or None, got {lam!r}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        for name in ("symmetric", "anchor_negatives", "check_inputs"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+
+def check_temperature_value(temperature: Temperature) -> None:
+    """Raise unless ``temperature`` is a positive finite number or a 1-element float tensor."""
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1 or temperature.dim() > 1:
+            raise ValueError(
+                f"temperature tensor must be 0-dim (a scalar), got shape {tuple(temperature.shape)}"
+            )
+        if not temperature.is_floating_point():
+            raise TypeError(f"temperature tensor must be floating point, got {temperature.dtype}")
+        if temperature.device.type == "meta":
+            return
+        value = float(temperature.detach().reshape(()).item())
+    elif isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}")
+    else:
+        value = float(temperature)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"temperature must be positive and finite, got {value}")

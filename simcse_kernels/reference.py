@@ -1,0 +1,177 @@
+r"""The naive full-matrix loss: the oracle every backend is tested against, and the baseline.
+
+This file is the one place where the math of every option is written down.
+
+Notation
+--------
+``a`` (N, D) anchors, ``p`` (P, D) positives (P = N in the usual case), ``n`` (K, D) optional
+negatives, ``x̂ = x / max(‖x‖, eps)`` (``F.normalize``; a zero vector stays zero, no NaN), and
+temperature ``tau``. Candidates are ``c = [p; n]`` (M = P + K rows); row ``i``'s target is column
+``l_i = labels[i]`` (default ``i``).
+
+Blocks of row ``i`` (each column a logit; the row's loss is a cross-entropy over all of them):
+
+1. positives ``s_ij = â_i·p̂_j / tau`` for j < P.
+2. negatives ``s_i,P+j = â_i·n̂_j / tau + w·[j == i]`` — ``hard_negative_weight`` w is a
+   log-weight on row i's own paired hard negative, column ``P + i`` (SimCSE's ``z3_weight``).
+3. ``anchor_negatives=True``: ``â_i·â_k / tau`` for k != i (column k = i is left out), the
+   2N-2-negatives form of NT-Xent.
+4. ``mix_lambda`` λ (MixCSE, Zhang et al. AAAI 2022; official code
+   ``BDBC-KG-NLP/MixCSE_AAAI2022/mixcse/models_mix.py``, ``cl_forward``):
+
+   * ``mix3_j = λ·p_j + (1-λ)·p_{(j+1) mod N}``, detached (stop-gradient). Block
+     ``â_i·mix3̂_j / tau``; entry ``(i, (i-1) mod N)`` — the mixture that contains row i's own
+     positive — is set to logit 0 (the official code multiplies by a shifted-eye mask after the
+     division by tau); then ``+w`` on the block's diagonal (the official code adds
+     ``hard_negative_weight`` to each mixed block's diagonal).
+   * ``mix4_i = λ·a_i + (1-λ)·a_{(i+1) mod N}``, detached. Block ``mix4̂_i·p̂_j / tau`` (gradient
+     only to p); entry ``(i, (i+1) mod N)`` set to 0; ``+w`` on the diagonal.
+
+   Mixing happens on the raw (un-normalized) embeddings, then the cosine is taken, as there.
+
+Row loss ``ℓ_i = logsumexp_j s_ij − s_{i,l_i}``.
+
+``symmetric=True`` (sentence-transformers' symmetric MNRL): with ``S`` the positives block,
+``ℓ'_i = logsumexp_k S_{k,l_i} − S_{i,l_i}`` (target column against all anchors; labels must be
+< P) and the per-row loss becomes ``(ℓ_i + ℓ'_i) / 2``. For default labels this is
+``(CE(S_full, arange) + CE(S.T, arange)) / 2``.
+
+Reduction: ``mean`` over rows, ``sum``, or ``none`` (N,).
+
+Gradient (used by every fused backend; see :mod:`simcse_kernels.ops.chunked`)
+----------------------------------------------------------------------------
+With ``g_i = ∂L/∂ℓ_i`` and ``σ_ij = exp(s_ij − lse_i)``, ``∂L/∂s_ij = g_i (σ_ij − [j = l_i])``
+(×½ on the softmax part when symmetric, plus ``G_j exp(S_kj − clse_j)`` on the positives block,
+``G_j = ½ Σ_{i: l_i = j} g_i``). A logit ``s = x̂·ŷ/tau`` passes ``dS·ŷ/tau`` to x̂, ``dS·x̂/tau``
+to ŷ and ``−dS·s_cos/tau²`` to tau; constant (masked) logits pass nothing. The normalization
+backward is ``∂x = (∂x̂ − x̂ (x̂·∂x̂)) / max(‖x‖, eps)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .options import InfoNCEOptions, Temperature
+from .validation import validate_inputs
+
+NORM_EPS = 1e-12
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def mixed_features(x: torch.Tensor, mix_lambda: float) -> torch.Tensor:
+    """MixCSE's detached mixture ``λ·x_j + (1-λ)·x_{(j+1) mod N}`` (raw, not normalized)."""
+    x = x.detach()
+    return mix_lambda * x + (1.0 - mix_lambda) * torch.roll(x, shifts=-1, dims=0)
+
+
+def reference_logits(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor | None = None,
+    *,
+    temperature: Temperature = 0.05,
+    hard_negative_weight: float = 0.0,
+    anchor_negatives: bool = False,
+    mix_lambda: float | None = None,
+) -> torch.Tensor:
+    """The full (N, M_total) logit matrix, blocks in the order of the module docstring.
+
+    Columns: [positives (P) | negatives (K) | anchors (N, if anchor_negatives) | mix3 (N) | mix4 (N)].
+    Computed in float32 (float64 for float64 inputs).
+    """
+    dt = _compute_dtype(anchors.dtype)
+    a = F.normalize(anchors.to(dt), dim=-1, eps=NORM_EPS)
+    p = F.normalize(positives.to(dt), dim=-1, eps=NORM_EPS)
+    tau = temperature.to(device=anchors.device, dtype=dt) if isinstance(temperature, torch.Tensor) else temperature
+    n_rows = a.shape[0]
+    eye = torch.eye(n_rows, device=a.device, dtype=dt)
+    blocks = [a @ p.T / tau]
+    if negatives is not None and negatives.shape[0] > 0:
+        nn_ = F.normalize(negatives.to(dt), dim=-1, eps=NORM_EPS)
+        neg = a @ nn_.T / tau
+        k = nn_.shape[0]
+        diag = torch.zeros(n_rows, k, device=a.device, dtype=dt)
+        m = min(n_rows, k)
+        diag[torch.arange(m), torch.arange(m)] = hard_negative_weight
+        blocks.append(neg + diag)
+    if anchor_negatives:
+        blocks.append((a @ a.T / tau).masked_fill(eye.bool(), float("-inf")))
+    if mix_lambda is not None:
+        mix3 = F.normalize(mixed_features(positives.to(dt), mix_lambda), dim=-1, eps=NORM_EPS)
+        keep3 = 1.0 - torch.roll(eye, shifts=1, dims=0)  # zero at (i, i-1)
+        blocks.append(keep3 * (a @ mix3.T / tau) + hard_negative_weight * eye)
+        mix4 = F.normalize(mixed_features(anchors.to(dt), mix_lambda), dim=-1, eps=NORM_EPS)
+        keep4 = 1.0 - torch.roll(eye, shifts=1, dims=1)  # zero at (i, i+1)
+        blocks.append(keep4 * (mix4 @ p.T / tau) + hard_negative_weight * eye)
+    return torch.cat(blocks, dim=1)
+
+
+def info_nce_reference(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor | None = None,
+    *,
+    temperature: Temperature = 0.05,
+    hard_negative_weight: float = 0.0,
+    symmetric: bool = False,
+    anchor_negatives: bool = False,
+    mix_lambda: float | None = None,
+    labels: torch.Tensor | None = None,
+    reduction: str = "mean",
+    check_inputs: bool = True,
+) -> torch.Tensor:
+    """Naive full-matrix InfoNCE (the oracle). Same arguments as :func:`fused_info_nce`.
+
+    Memory O(N·M_total): builds every logit. Returns a float32 loss (float64 for float64 inputs).
+    """
+    options = InfoNCEOptions(
+        temperature=temperature,
+        hard_negative_weight=hard_negative_weight,
+        symmetric=symmetric,
+        anchor_negatives=anchor_negatives,
+        mix_lambda=mix_lambda,
+        reduction=reduction,
+        backend="naive",
+        check_inputs=check_inputs,
+    )
+    negatives, labels = validate_inputs(anchors, positives, negatives, labels, options)
+    return reference_loss(anchors, positives, negatives, labels, options)
+
+
+def reference_loss(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor | None,
+    labels: torch.Tensor,
+    options: InfoNCEOptions,
+) -> torch.Tensor:
+    """The naive loss on already validated inputs (the ``"naive"`` backend)."""
+    logits = reference_logits(
+        anchors,
+        positives,
+        negatives,
+        temperature=options.temperature,
+        hard_negative_weight=options.hard_negative_weight,
+        anchor_negatives=options.anchor_negatives,
+        mix_lambda=options.mix_lambda,
+    )
+    per_row = F.cross_entropy(logits, labels, reduction="none")
+    if options.symmetric:
+        pos = logits[:, : positives.shape[0]]
+        rows = torch.arange(pos.shape[0], device=pos.device)
+        col_lse = torch.logsumexp(pos, dim=0)
+        per_row = 0.5 * (per_row + col_lse[labels] - pos[rows, labels])
+    return reduce_loss(per_row, options.reduction)
+
+
+def reduce_loss(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Apply ``mean`` / ``sum`` / ``none`` to the per-anchor losses."""
+    if reduction == "mean":
+        return per_row.mean()
+    if reduction == "sum":
+        return per_row.sum()
+    return per_row

@@ -1,0 +1,104 @@
+"""Argument checks shared by every backend: clear errors instead of silent wrong answers."""
+
+from __future__ import annotations
+
+import torch
+
+from .options import InfoNCEOptions
+
+
+def _check_matrix(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows, dim), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    return x
+
+
+def validate_inputs(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    options: InfoNCEOptions,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Check shapes, dtypes, devices, finiteness and label range.
+
+    Args:
+        anchors: (N, D) anchor embeddings (rows of the logit matrix).
+        positives: (P, D) positive candidates, P >= N unless ``labels`` are given.
+        negatives: (K, D) extra negative candidates, or None (a (0, D) tensor counts as None).
+        labels: (N,) integer target columns in [0, P + K), or None for ``arange(N)``.
+        options: the loss options.
+
+    Returns:
+        ``(negatives_or_None, labels)`` with default labels filled in.
+    """
+    _check_matrix("anchors", anchors)
+    _check_matrix("positives", positives)
+    n, d = anchors.shape
+    p = positives.shape[0]
+    if n == 0:
+        raise ValueError("anchors is empty: the batch must hold at least one row")
+    if d == 0:
+        raise ValueError("embedding dimension D must be at least 1")
+    if p == 0:
+        raise ValueError("positives is empty: at least one candidate is needed")
+    if positives.shape[1] != d:
+        raise ValueError(f"positives has dim {positives.shape[1]} but anchors has dim {d}")
+    tensors = [("anchors", anchors), ("positives", positives)]
+    if negatives is not None:
+        _check_matrix("negatives", negatives)
+        if negatives.shape[1] != d:
+            raise ValueError(f"negatives has dim {negatives.shape[1]} but anchors has dim {d}")
+        if negatives.shape[0] == 0:
+            negatives = None
+        else:
+            tensors.append(("negatives", negatives))
+    for name, t in tensors[1:]:
+        if t.device != anchors.device:
+            raise ValueError(f"{name} is on {t.device} but anchors is on {anchors.device}")
+        if t.dtype != anchors.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but anchors has dtype {anchors.dtype}")
+    tau = options.temperature
+    if isinstance(tau, torch.Tensor) and tau.device != anchors.device and tau.device.type != "cpu":
+        raise ValueError(f"temperature is on {tau.device} but anchors is on {anchors.device}")
+
+    k = 0 if negatives is None else negatives.shape[0]
+    if options.mix_lambda is not None and p != n:
+        raise ValueError(f"mix_lambda (MixCSE) needs as many positives as anchors, got P={p}, N={n}")
+    if options.hard_negative_weight != 0.0 and negatives is None and options.mix_lambda is None:
+        raise ValueError(
+            "hard_negative_weight is set but there are no hard negatives (negatives=None) "
+            "and no MixCSE blocks to weight"
+        )
+
+    if labels is None:
+        if p < n:
+            raise ValueError(f"default labels arange(N) need P >= N positives, got P={p}, N={n}; pass labels")
+        labels = torch.arange(n, device=anchors.device)
+    else:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        if labels.dim() != 1 or labels.shape[0] != n:
+            raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        if labels.device != anchors.device:
+            raise ValueError(f"labels is on {labels.device} but anchors is on {anchors.device}")
+        labels = labels.long()
+
+    if options.check_inputs and anchors.device.type != "meta":
+        limit = p if options.symmetric else p + k
+        flags = [torch.isfinite(t).all() for _, t in tensors]
+        flags.append(((labels >= 0) & (labels < limit)).all())
+        ok = torch.stack(flags).cpu().tolist()  # one sync for every check
+        for (name, _), good in zip(tensors, ok[:-1]):
+            if not good:
+                raise ValueError(f"{name} contains NaN or inf")
+        if not ok[-1]:
+            where = "[0, P) (symmetric loss needs positive targets)" if options.symmetric else "[0, P + K)"
+            raise ValueError(f"labels out of range: every label must lie in {where} = [0, {limit})")
+    return negatives, labels

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "naive", "torch", "triton", "cuda")
 
-Temperature = Union[float, torch.Tensor]
+Temperature = float | torch.Tensor
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ MODES = {
 def tiny_chunks(monkeypatch):
     import simcse_kernels.ops.chunked as chunked
 
-    monkeypatch.setattr(chunked, "default_chunk_size", lambda n: 3)  # several chunks per block
+    monkeypatch.setattr(chunked, "default_chunk_size", lambda n, device_type="cpu": 3)  # several chunks per block
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -49,7 +49,7 @@ def test_parity_small_chunks_cross_block_edges(option_set, monkeypatch):
     """Chunks of 5 columns: every masked/diagonal entry lands on a chunk edge somewhere."""
     import simcse_kernels.ops.chunked as chunked
 
-    monkeypatch.setattr(chunked, "default_chunk_size", lambda n: 5)
+    monkeypatch.setattr(chunked, "default_chunk_size", lambda n, device_type="cpu": 5)
     k, opts = _split(option_set, 23)
     a, p, neg = make_inputs(23, 100, k, seed=9)
     assert_backend_matches_reference("torch", a, p, neg, tau=torch.tensor(0.1), **opts)
@@ -75,3 +75,12 @@ def test_zero_vectors_give_finite_loss_and_grads():
     p[5] = 0
     neg[1] = 0
     assert_backend_matches_reference("torch", a, p, neg, tau=0.05, hard_negative_weight=0.3, mix_lambda=0.2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("option_set", ["unsup", "everything"])
+def test_parity_cuda_large(dtype, option_set):
+    k, opts = _split(option_set, 8192)
+    a, p, neg = make_inputs(8192, 768, k, dtype=dtype, device="cuda", seed=7)
+    assert_backend_matches_reference("torch", a, p, neg, tau=torch.tensor(0.05, device="cuda"), **opts)

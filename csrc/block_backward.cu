@@ -1,0 +1,136 @@
+// Recomputing backward of one logit block (mirrors simcse_kernels/ops/chunked.py's backward).
+//
+// For every 64 x 64 tile the logits are recomputed exactly as in the forward (block_forward.cu),
+// then, with the saved row log-sum-exps lse_i and loss weights g:
+//
+//   dS_ij = row_weight_i exp(s_ij - lse_i) [+ col_weight_j exp(s_ij - col_lse_j)]   (col part: the
+//           symmetric loss's column softmax, positives block only), dS_ij = 0 on constant logits;
+//   grad_rows_i += sum_j dS_ij y_hat_j      grad_cols_j += sum_i dS_ij x_hat_i
+//   dtau_acc    += sum_ij dS_ij cos_ij
+//
+// where x_hat = r x, y_hat = r y. The gradients are w.r.t. the normalized rows and still lack the
+// 1/tau factor; normalize_backward (rowwise.cu) applies 1/tau and the normalization backward.
+// The target logit's -g_i is added separately (target_backward). Only a 64 x 64 tile of dS ever
+// exists (shared memory); the gradient products run over D in chunks of 32 with float32 FMAs
+// and are added to the float32 gradient buffers with atomicAdd (several CTAs share rows/columns).
+//
+// Grid: (ceil(rows / 64), n_splits), columns tiles dealt round-robin as in the forward.
+#include "tile.cuh"
+
+namespace simcse {
+namespace {
+
+template <typename TR, typename TC>
+__global__ void __launch_bounds__(kThreads)
+    block_backward_kernel(const TR* __restrict__ x, int64_t xs, int64_t n_x, const float* __restrict__ rx,
+                          const TC* __restrict__ y, int64_t ys, int64_t n_y, const float* __restrict__ ry,
+                          int64_t dim, const float* __restrict__ tau, float weight, int pattern,
+                          const float* __restrict__ lse, const float* __restrict__ row_weight,
+                          const float* __restrict__ col_lse, const float* __restrict__ col_weight,
+                          float* grad_rows, float* grad_cols, double* dtau_acc, int n_splits) {
+  __shared__ __align__(128) float s[kBM * kSLd];
+  __shared__ __align__(128) float scratch[kScratchFloats];
+  __shared__ float warp_part[kThreads / kWarp];
+
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  const int split = blockIdx.y;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const float inv_tau = 1.0f / tau[0];
+  float tau_part = 0.0f;
+
+  const int64_t n_tiles = (n_y + kBN - 1) / kBN;
+  for (int64_t t = split; t < n_tiles; t += n_splits) {
+    const int64_t j0 = t * kBN;
+    dot_tile<TR, TC>(x, xs, n_x, i0, y, ys, n_y, j0, dim, s, scratch);
+
+    // dS tile (in place of the dot tile).
+    for (int e = threadIdx.x; e < kBM * kBN; e += kThreads) {
+      const int u = e / kBN, v = e % kBN;
+      const int64_t i = i0 + u, j = j0 + v;
+      float ds = 0.0f;
+      if (i < n_x && j < n_y) {
+        bool is_const;
+        float cos;
+        const float logit =
+            block_logit(s[u * kSLd + v], rx[i], ry[j], inv_tau, weight, pattern, i, j, n_x, &is_const, &cos);
+        if (!is_const) {
+          ds = row_weight[i] * expf(logit - lse[i]);
+          if (col_lse != nullptr) ds += col_weight[j] * expf(logit - col_lse[j]);
+          if (ds != 0.0f) tau_part += ds * cos;  // ds == 0 on -inf logits, whose cos is not used
+        }
+      }
+      s[u * kSLd + v] = ds;
+    }
+    __syncthreads();
+
+    float* gy = scratch;               // [kBN][kGLd]: y_hat chunk
+    float* gx = scratch + kBN * kGLd;  // [kBM][kGLd]: x_hat chunk
+    for (int64_t d0 = 0; d0 < dim; d0 += kGDk) {
+      for (int idx = threadIdx.x; idx < kBN * kGDk; idx += kThreads) {
+        const int r = idx / kGDk, k = idx % kGDk;
+        const int64_t gk = d0 + k;
+        const int64_t j = j0 + r, i = i0 + r;
+        gy[r * kGLd + k] = (j < n_y && gk < dim) ? ry[j] * to_float(y[j * ys + gk]) : 0.0f;
+        gx[r * kGLd + k] = (i < n_x && gk < dim) ? rx[i] * to_float(x[i * xs + gk]) : 0.0f;
+      }
+      __syncthreads();
+      const int64_t gk = d0 + lane;
+      if (gk < dim) {
+        // Warp w: rows (resp. columns) w, w + 8, ...; lane: the D index inside the chunk.
+        for (int u = warp; u < kBM; u += kThreads / kWarp) {
+          const int64_t i = i0 + u;
+          if (grad_rows == nullptr || i >= n_x) continue;
+          float acc = 0.0f;
+#pragma unroll 8
+          for (int v = 0; v < kBN; ++v) acc = fmaf(s[u * kSLd + v], gy[v * kGLd + lane], acc);
+          if (acc != 0.0f) atomicAdd(grad_rows + i * dim + gk, acc);
+        }
+        for (int v = warp; v < kBN; v += kThreads / kWarp) {
+          const int64_t j = j0 + v;
+          if (grad_cols == nullptr || j >= n_y) continue;
+          float acc = 0.0f;
+#pragma unroll 8
+          for (int u = 0; u < kBM; ++u) acc = fmaf(s[u * kSLd + v], gx[u * kGLd + lane], acc);
+          if (acc != 0.0f) atomicAdd(grad_cols + j * dim + gk, acc);
+        }
+      }
+      __syncthreads();
+    }
+  }
+
+  tau_part = warp_sum(tau_part);
+  if (lane == 0) warp_part[warp] = tau_part;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+    for (int w = 0; w < kThreads / kWarp; ++w) total += warp_part[w];
+    if (total != 0.0) atomicAdd(dtau_acc, total);
+  }
+}
+
+}  // namespace
+
+int launch_block_backward(const Operand& rows, const Operand& cols, int64_t dim, uintptr_t tau, float weight,
+                          int pattern, uintptr_t lse, uintptr_t row_weight, uintptr_t col_lse,
+                          uintptr_t col_weight, uintptr_t grad_rows, uintptr_t grad_cols, uintptr_t dtau_acc,
+                          int n_splits, int device, uintptr_t stream) {
+  cudaError_t err = cudaSetDevice(device);
+  if (err != cudaSuccess) return static_cast<int>(err);
+  const dim3 grid(static_cast<unsigned>((rows.rows + kBM - 1) / kBM), static_cast<unsigned>(n_splits));
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const bool ok = dispatch_pair(rows.dtype, cols.dtype, [&](auto xr, auto yc) {
+    using TR = decltype(xr);
+    using TC = decltype(yc);
+    block_backward_kernel<TR, TC><<<grid, kThreads, 0, st>>>(
+        reinterpret_cast<const TR*>(rows.data), rows.stride, rows.rows, reinterpret_cast<const float*>(rows.inv_norm),
+        reinterpret_cast<const TC*>(cols.data), cols.stride, cols.rows, reinterpret_cast<const float*>(cols.inv_norm),
+        dim, reinterpret_cast<const float*>(tau), weight, pattern, reinterpret_cast<const float*>(lse),
+        reinterpret_cast<const float*>(row_weight), reinterpret_cast<const float*>(col_lse),
+        reinterpret_cast<const float*>(col_weight), reinterpret_cast<float*>(grad_rows),
+        reinterpret_cast<float*>(grad_cols), reinterpret_cast<double*>(dtau_acc), n_splits);
+  });
+  if (!ok) return static_cast<int>(cudaErrorInvalidValue);
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace simcse

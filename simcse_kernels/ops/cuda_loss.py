@@ -1,0 +1,413 @@
+"""Backend ``"cuda"``: the loss on the CUDA C++ extension ``simcse_kernels._cuda_ext`` (csrc/).
+
+Same algorithm as the chunked torch backend (:mod:`simcse_kernels.ops.chunked`) and the Triton
+kernels, with the math of :mod:`simcse_kernels.reference`, fused into CUDA kernels that never
+build the N x M logit matrix:
+
+* forward: for each block of the row layout [positives | negatives (+w at P+i) | anchors (-inf at
+  i) | mix3 | mix4], a kernel walks 64 x 64 logit tiles (tensor-core WMMA on the raw bf16/fp16
+  rows, float32 FMA tiles otherwise, scaled by the inverse norms afterwards) and keeps an online
+  log-sum-exp per row; ``n_splits`` CTAs share a row tile and their partial LSEs (an O(splits·N)
+  buffer) are combined here. The symmetric loss's column LSE is the same kernel on the
+  transposed positives block. Target cosines come from an O(N·D) row kernel.
+* backward: recomputes each tile, forms dS = g (softmax - onehot) in shared memory (column
+  softmax too when symmetric; zero on MixCSE's constant logits), accumulates dS·ŷ and dSᵀ·x̂ into
+  float32 buffers, sum(dS·cos) for the temperature, then applies the normalization backward
+  dz = r·(dẑ − ẑ(ẑ·dẑ)) / tau in a row kernel and returns the gradients in the input dtype.
+
+MixCSE's detached mixtures ``mix3``/``mix4`` are built here in float32 (O(N·D)) and enter the
+kernels as float32 operands (their blocks use the FMA tiles); no gradient flows through them.
+
+The kernels are exposed as the custom ops ``simcse_kernels::cuda_info_nce_forward`` and
+``simcse_kernels::cuda_info_nce_backward`` (with fake implementations, so shapes propagate under
+``torch.compile`` and on the meta device), called from :class:`CudaInfoNCEFunction`. Tensors go
+to the extension as raw ``data_ptr()`` integers with the current CUDA stream, so the extension
+has no dependency on torch's C++ ABI.
+
+Inputs: float32, float16 or bfloat16 (computed in float32; loss float32; gradients in the input
+dtype). float64 is not supported by the kernels: an explicit ``backend="cuda"`` raises, and
+``"auto"`` (which only lands here on CUDA) computes float64 with the chunked torch backend.
+Build: ``pip install -e .`` with nvcc available (see setup.py for SIMCSE_KERNELS_BUILD_CUDA and
+SIMCSE_KERNELS_CUDA_ARCHS). :func:`unavailable_reason` says why the backend cannot run.
+"""
+
+import functools
+import importlib
+
+import torch
+
+from ..options import InfoNCEOptions
+from ..reference import mixed_features, reduce_loss
+from .features import temperature_tensor
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+PATTERN = {"none": 0, "hard": 1, "self": 2, "mix3": 3, "mix4": 4}
+TILE = 64  # rows and columns of a kernel tile (csrc/tile.cuh)
+BUILD_HINT = "reinstall with nvcc on PATH: SIMCSE_KERNELS_BUILD_CUDA=1 pip install -e ."
+
+
+@functools.lru_cache(maxsize=1)
+def _load_extension():
+    """(module, None) or (None, why the import failed)."""
+    try:
+        return importlib.import_module("simcse_kernels._cuda_ext"), None
+    except ImportError as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def extension():
+    """The compiled ``simcse_kernels._cuda_ext`` module; raises ImportError with the reason if absent."""
+    ext, error = _load_extension()
+    if ext is None:
+        raise ImportError(f"simcse_kernels._cuda_ext is not available ({error}); {BUILD_HINT}")
+    return ext
+
+
+@functools.lru_cache(maxsize=1)
+def _runtime_status() -> str:
+    return extension().runtime_status()
+
+
+def _arch_supported(major: int, minor: int, archs: str) -> bool:
+    """True if a cubin of ``archs`` ("80;90") runs on sm_<major><minor>, or the PTX of the last one JITs."""
+    cc = 10 * major + minor
+    compiled = [int(a) for a in archs.split(";") if a.strip().isdigit()]
+    if not compiled:
+        return True  # unknown build: let the launch report it
+    return any(a // 10 == major and a <= cc for a in compiled) or compiled[-1] <= cc
+
+
+def unavailable_reason(device: torch.device | str) -> str | None:
+    """None if the ``"cuda"`` backend can run on ``device``, else a sentence saying why not.
+
+    Args:
+        device: the device of the inputs.
+    """
+    device = torch.device(device)
+    ext, error = _load_extension()
+    if device.type != "cuda":
+        reason = f"the CUDA extension backend runs on CUDA devices only, got device {device.type!r}"
+        if ext is None:
+            reason += f" (and the extension simcse_kernels._cuda_ext is not built: {error})"
+        return reason
+    if ext is None:
+        return f"the CUDA extension simcse_kernels._cuda_ext is not built or cannot be imported ({error}); {BUILD_HINT}"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is available to torch (torch.cuda.is_available() is False)"
+    status = _runtime_status()
+    if status:
+        return status
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    if not _arch_supported(major, minor, ext.CUDA_ARCHS):
+        return (f"the GPU has compute capability {major}.{minor}, which the extension was not compiled for "
+                f"(SIMCSE_KERNELS_CUDA_ARCHS={ext.CUDA_ARCHS}; sm_80 or newer is needed)")
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def n_splits(n_rows: int, n_cols: int, sm_count: int) -> int:
+    """CTAs per row tile: enough for ~2 CTAs per SM, at most one per column tile."""
+    row_tiles = -(-n_rows // TILE)
+    col_tiles = -(-n_cols // TILE)
+    wanted = -(-2 * sm_count // row_tiles)
+    return max(1, min(col_tiles, wanted, 65535))
+
+
+def _operand(t: torch.Tensor | None, inv_norm: torch.Tensor | None, dim: int) -> tuple[int, int, int, int, int]:
+    """The (data_ptr, dtype_code, rows, row_stride, inv_norm_ptr) tuple of a (rows, D) tensor (or an absent one)."""
+    if t is None:
+        return (0, 0, 0, dim, 0)
+    if t.stride(1) != 1 and t.shape[1] > 1:
+        raise ValueError(f"the CUDA kernels need unit stride along D, got strides {t.stride()}")
+    return (t.data_ptr(), DTYPE_CODES[t.dtype], t.shape[0], max(t.stride(0), dim),
+            0 if inv_norm is None else inv_norm.data_ptr())
+
+
+class _Launch:
+    """Device index, stream and inverse norms shared by the kernel launches of one call."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor | None]):
+        self.ext = extension()
+        first = tensors["anchors"]
+        self.device = first.device
+        self.index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        self.stream = torch.cuda.current_stream(self.device).cuda_stream
+        self.dim = first.shape[1]
+        self.tensors = tensors
+        self.inv_norms = {}
+        for name, t in tensors.items():
+            if t is None:
+                continue
+            r = torch.empty(t.shape[0], device=self.device, dtype=torch.float32)
+            self.ext.row_inv_norms(_operand(t, None, self.dim), self.dim, r.data_ptr(), self.index, self.stream)
+            self.inv_norms[name] = r
+
+    def op(self, name: str) -> tuple[int, int, int, int, int]:
+        return _operand(self.tensors[name], self.inv_norms.get(name), self.dim)
+
+    def splits(self, rows: str, cols: str) -> int:
+        return n_splits(self.tensors[rows].shape[0], self.tensors[cols].shape[0], _sm_count(self.index))
+
+
+def _blocks(has_negatives: bool, anchor_negatives: bool, has_mix: bool) -> list[tuple[str, str, str]]:
+    """(rows, cols, pattern) of every logit block, in the order of the reference's row layout."""
+    blocks = [("anchors", "positives", "none")]
+    if has_negatives:
+        blocks.append(("anchors", "negatives", "hard"))
+    if anchor_negatives:
+        blocks.append(("anchors", "anchors", "self"))
+    if has_mix:
+        blocks.append(("anchors", "mix3", "mix3"))
+        blocks.append(("mix4", "positives", "mix4"))
+    return blocks
+
+
+@torch.library.custom_op("simcse_kernels::cuda_info_nce_forward", mutates_args=(), device_types="cuda")
+def cuda_info_nce_forward(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor | None,
+    mix3: torch.Tensor | None,
+    mix4: torch.Tensor | None,
+    tau: torch.Tensor,
+    labels: torch.Tensor,
+    hard_negative_weight: float,
+    anchor_negatives: bool,
+    symmetric: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row LSEs, column LSEs and target cosines of the loss (custom op; CUDA only).
+
+    Args:
+        anchors: (N, D), positives: (P, D), negatives: (K, D) or None — raw embeddings, one dtype
+            (float32/float16/bfloat16), unit stride along D.
+        mix3, mix4: (N, D) float32 detached MixCSE mixtures (raw, not normalized), or None.
+        tau: 0-dim float32 temperature on the device.
+        labels: (N,) int64 targets in [0, P + K).
+        hard_negative_weight, anchor_negatives, symmetric: the loss options.
+
+    Returns:
+        lse (N,) float32 over every block; col_lse (P,) float32 of the positives block's columns
+        (empty (0,) unless symmetric); target_cos (N,) float32 = cos(anchor i, candidate labels[i]).
+    """
+    launch = _Launch({"anchors": anchors, "positives": positives, "negatives": negatives, "mix3": mix3,
+                      "mix4": mix4})
+    ext, dim = launch.ext, launch.dim
+    n = anchors.shape[0]
+    parts = []
+    for rows, cols, pattern in _blocks(negatives is not None, anchor_negatives, mix3 is not None):
+        splits = launch.splits(rows, cols)
+        part = torch.empty((splits, n), device=anchors.device, dtype=torch.float32)
+        ext.lse_partials(launch.op(rows), launch.op(cols), dim, tau.data_ptr(), hard_negative_weight,
+                         PATTERN[pattern], splits, part.data_ptr(), launch.index, launch.stream)
+        parts.append(part)
+    lse = torch.logsumexp(torch.cat(parts), dim=0)
+    if symmetric:
+        splits = launch.splits("positives", "anchors")
+        part = torch.empty((splits, positives.shape[0]), device=anchors.device, dtype=torch.float32)
+        ext.lse_partials(launch.op("positives"), launch.op("anchors"), dim, tau.data_ptr(), 0.0, PATTERN["none"],
+                         splits, part.data_ptr(), launch.index, launch.stream)
+        col_lse = torch.logsumexp(part, dim=0)
+    else:
+        col_lse = torch.empty(0, device=anchors.device, dtype=torch.float32)
+    target_cos = torch.empty(n, device=anchors.device, dtype=torch.float32)
+    ext.target_cos(launch.op("anchors"), launch.op("positives"), launch.op("negatives"), dim, labels.data_ptr(),
+                   target_cos.data_ptr(), launch.index, launch.stream)
+    return lse, col_lse, target_cos
+
+
+@cuda_info_nce_forward.register_fake
+def _cuda_info_nce_forward_fake(anchors, positives, negatives, mix3, mix4, tau, labels, hard_negative_weight,
+                                anchor_negatives, symmetric):
+    n, p = anchors.shape[0], positives.shape[0]
+    return (anchors.new_empty(n, dtype=torch.float32), anchors.new_empty(p if symmetric else 0, dtype=torch.float32),
+            anchors.new_empty(n, dtype=torch.float32))
+
+
+@torch.library.custom_op("simcse_kernels::cuda_info_nce_backward", mutates_args=(), device_types="cuda")
+def cuda_info_nce_backward(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor | None,
+    mix3: torch.Tensor | None,
+    mix4: torch.Tensor | None,
+    tau: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    col_lse: torch.Tensor,
+    row_weight: torch.Tensor,
+    col_weight: torch.Tensor,
+    g: torch.Tensor,
+    hard_negative_weight: float,
+    anchor_negatives: bool,
+    symmetric: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of sum_i g_i loss_i w.r.t. the raw embeddings, and sum dS·cos (custom op; CUDA only).
+
+    Args:
+        anchors, positives, negatives, mix3, mix4, tau, labels, options: as the forward op.
+        lse: (N,) and col_lse: (P,) or (0,) float32 from the forward.
+        row_weight: (N,) float32 weight of each row's softmax (g, or g/2 when symmetric).
+        col_weight: (P,) float32 weight of each positive column's softmax (symmetric) or (0,).
+        g: (N,) float32 upstream gradient of the per-row losses (weight of the target logits).
+
+    Returns:
+        grad_anchors (N, D), grad_positives (P, D), grad_negatives (K, D) or (0, D), all in the
+        input dtype, and a 0-dim float64 ``sum_ij dS_ij cos_ij`` over the non-target logits
+        (dL/dtau = -(that - sum_i g_i target_cos_i) / tau^2).
+    """
+    launch = _Launch({"anchors": anchors, "positives": positives, "negatives": negatives, "mix3": mix3,
+                      "mix4": mix4})
+    ext, dim = launch.ext, launch.dim
+    grads = {name: torch.zeros(t.shape, device=t.device, dtype=torch.float32)
+             for name, t in (("anchors", anchors), ("positives", positives), ("negatives", negatives))
+             if t is not None}
+    dtau_acc = torch.zeros((), device=anchors.device, dtype=torch.float64)
+    ptr = lambda t: 0 if t is None else t.data_ptr()
+    for rows, cols, pattern in _blocks(negatives is not None, anchor_negatives, mix3 is not None):
+        column_softmax = symmetric and (rows, cols) == ("anchors", "positives")
+        ext.block_backward(
+            launch.op(rows), launch.op(cols), dim, tau.data_ptr(), hard_negative_weight, PATTERN[pattern],
+            lse.data_ptr(), row_weight.data_ptr(), col_lse.data_ptr() if column_softmax else 0,
+            col_weight.data_ptr() if column_softmax else 0, ptr(grads.get(rows)), ptr(grads.get(cols)),
+            dtau_acc.data_ptr(), launch.splits(rows, cols), launch.index, launch.stream,
+        )
+    ext.target_backward(launch.op("anchors"), launch.op("positives"), launch.op("negatives"), dim, labels.data_ptr(),
+                        g.data_ptr(), grads["anchors"].data_ptr(), grads["positives"].data_ptr(),
+                        ptr(grads.get("negatives")), launch.index, launch.stream)
+    outputs = []
+    for name in ("anchors", "positives", "negatives"):
+        t = launch.tensors[name]
+        if t is None:
+            outputs.append(anchors.new_empty((0, dim)))
+            continue
+        out = torch.empty(t.shape, device=t.device, dtype=t.dtype)
+        ext.normalize_backward(_operand(t, None, dim), dim, grads[name].data_ptr(), tau.data_ptr(), out.data_ptr(),
+                               launch.index, launch.stream)
+        outputs.append(out)
+    return outputs[0], outputs[1], outputs[2], dtau_acc
+
+
+@cuda_info_nce_backward.register_fake
+def _cuda_info_nce_backward_fake(anchors, positives, negatives, mix3, mix4, tau, labels, lse, col_lse, row_weight,
+                                 col_weight, g, hard_negative_weight, anchor_negatives, symmetric):
+    grad_n = torch.empty_like(negatives) if negatives is not None else anchors.new_empty((0, anchors.shape[1]))
+    return (torch.empty_like(anchors), torch.empty_like(positives), grad_n,
+            anchors.new_empty((), dtype=torch.float64))
+
+
+def _target_logits(target_cos, tau, labels, n_pos, has_negatives, weight):
+    """Each row's target logit: cos / tau, plus w when the target is the row's own hard negative."""
+    target = target_cos / tau
+    if has_negatives and weight != 0.0:
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        target = target + weight * (labels == n_pos + rows)
+    return target
+
+
+class CudaInfoNCEFunction(torch.autograd.Function):
+    """Per-row losses (N,) float32 from raw embeddings via the CUDA kernels (see module docstring).
+
+    apply(anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric):
+    tensors as :func:`cuda_info_nce_forward`; gradients reach anchors, positives, negatives (input
+    dtype) and tau (float32).
+    """
+
+    @staticmethod
+    def forward(ctx, anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric):
+        lse, col_lse, target_cos = torch.ops.simcse_kernels.cuda_info_nce_forward(
+            anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric
+        )
+        target = _target_logits(target_cos, tau, labels, positives.shape[0], negatives is not None, w)
+        loss = lse - target
+        if symmetric:
+            loss = 0.5 * (loss + col_lse[labels] - target)
+        ctx.save_for_backward(anchors, positives, negatives, mix3, mix4, tau, labels, lse, col_lse, target_cos)
+        ctx.options = (w, anchor_negatives, symmetric)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        anchors, positives, negatives, mix3, mix4, tau, labels, lse, col_lse, target_cos = ctx.saved_tensors
+        w, anchor_negatives, symmetric = ctx.options
+        g = grad_loss.float().contiguous()
+        if symmetric:
+            row_weight = 0.5 * g
+            col_weight = torch.zeros(positives.shape[0], device=g.device, dtype=g.dtype).index_add_(0, labels, 0.5 * g)
+        else:
+            row_weight = g
+            col_weight = g.new_empty(0)
+        grad_a, grad_p, grad_n, dtau_acc = torch.ops.simcse_kernels.cuda_info_nce_backward(
+            anchors, positives, negatives, mix3, mix4, tau, labels, lse, col_lse, row_weight, col_weight, g, w,
+            anchor_negatives, symmetric,
+        )
+        dtau_cos = dtau_acc.to(tau.dtype) - (g * target_cos).sum()
+        grad_tau = -dtau_cos / (tau * tau)
+        return (grad_a, grad_p, grad_n if negatives is not None else None, None, None, grad_tau,
+                None, None, None, None)
+
+
+def _check_cuda_inputs(anchors, positives, negatives, labels) -> None:
+    """Raise unless every tensor is on one CUDA device with a dtype the kernels support."""
+    for name, t in (("anchors", anchors), ("positives", positives), ("negatives", negatives)):
+        if t is None:
+            continue
+        if t.device.type != "cuda":
+            raise ValueError(f"backend 'cuda' needs CUDA tensors, {name} is on {t.device}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"backend 'cuda' supports float32, float16 and bfloat16, {name} is {t.dtype} "
+                            "(use backend='torch' for float64)")
+        if t.device != anchors.device:
+            raise ValueError(f"{name} is on {t.device} but anchors is on {anchors.device}")
+    if labels.device != anchors.device:
+        raise ValueError(f"labels is on {labels.device} but anchors is on {anchors.device}")
+
+
+def cuda_info_nce(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor | None,
+    labels: torch.Tensor,
+    options: InfoNCEOptions,
+) -> torch.Tensor:
+    """The reduced loss of already validated inputs on the CUDA extension (like ``reference_loss``).
+
+    Args:
+        anchors: (N, D), positives: (P, D), negatives: (K, D) or None; one CUDA device and dtype.
+        labels: (N,) integer targets.
+        options: the loss options (temperature may be a learnable 0-dim tensor).
+
+    Returns:
+        float32 loss, shape () or (N,) for ``reduction="none"``.
+    """
+    if anchors.dtype == torch.float64 and options.backend != "cuda":
+        # "auto" picked this backend: float64 is computed by the chunked torch backend instead.
+        from .chunked import chunked_per_row_loss
+        from .features import normalized_features
+
+        feats = normalized_features(anchors, positives, negatives, options)
+        per_row = chunked_per_row_loss(feats, labels, options.hard_negative_weight, options.anchor_negatives,
+                                       options.symmetric)
+        return reduce_loss(per_row, options.reduction)
+    _check_cuda_inputs(anchors, positives, negatives, labels)
+    reason = unavailable_reason(anchors.device)
+    if reason is not None:
+        from ..backends import BackendUnavailableError
+
+        raise BackendUnavailableError(f"backend 'cuda' is unavailable on {anchors.device}: {reason}")
+    mix3 = mix4 = None
+    if options.mix_lambda is not None:
+        mix3 = mixed_features(positives.float(), options.mix_lambda).contiguous()
+        mix4 = mixed_features(anchors.float(), options.mix_lambda).contiguous()
+    tau = temperature_tensor(options, anchors.device, torch.float32)
+    per_row = CudaInfoNCEFunction.apply(
+        anchors.contiguous(), positives.contiguous(), None if negatives is None else negatives.contiguous(),
+        mix3, mix4, tau, labels.to(torch.int64).contiguous(), float(options.hard_negative_weight),
+        options.anchor_negatives, options.symmetric,
+    )
+    return reduce_loss(per_row, options.reduction)

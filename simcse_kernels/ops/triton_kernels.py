@@ -1,0 +1,484 @@
+r"""Triton kernels of the fused InfoNCE family (``@triton.jit`` functions only).
+
+Launch wrappers, block-size heuristics, autotuning and the autograd/custom-op glue live in
+:mod:`simcse_kernels.ops.triton_loss`. The math (logit layout of every option and the gradient
+derivation) is written once in :mod:`simcse_kernels.reference`; the kernels mirror the chunked
+torch backend :mod:`simcse_kernels.ops.chunked` tile by tile.
+
+Conventions shared by every kernel
+----------------------------------
+* Feature matrices are contiguous row-major ``(rows, D)`` in their storage dtype (fp16, bf16,
+  fp32, fp64); row ``r`` starts at ``ptr + r * D`` (int64 offsets).
+* ``r*`` pointers are inverse norms ``1 / max(‖x‖, 1e-12)``, shape ``(rows,)``, in the compute
+  dtype ``ACC_DTYPE`` (fp32, or fp64 for fp64 inputs). Cosines are ``dot(x_i, y_j) · rx_i · ry_j``:
+  the raw rows feed ``tl.dot`` (fp32/fp64 accumulation), never a normalized copy.
+* A logit tile is ``cos / tau`` plus the constant pattern of its block:
+
+  ====== ========================================================================
+  0      none (positives block)
+  1      ``+w`` at ``(i, i)`` (hard negatives: column ``P + i``)
+  2      ``-inf`` at ``(i, i)`` (anchor-vs-anchor negatives)
+  3      MixCSE mix3: logit ``0`` at ``(i, (i - 1) mod N)``, then ``+w`` at ``(i, i)``
+  4      MixCSE mix4: logit ``0`` at ``(i, (i + 1) mod N)``, then ``+w`` at ``(i, i)``
+  ====== ========================================================================
+
+* ``tau_ptr``/``w_ptr``: 1-element tensors in ``ACC_DTYPE`` (temperature and hard-negative
+  log-weight; tensors rather than scalar arguments so fp64 runs keep fp64 constants and a
+  learnable tau needs no host sync).
+* ``DOT_PREC``: ``input_precision`` of the cosine dots ("ieee", or "tf32" when
+  ``torch.backends.cuda.matmul.allow_tf32`` is set; ignored for 16-bit inputs).
+  ``GRAD_DTYPE``/``GRAD_PREC``: operand dtype and precision of the gradient dots
+  (bf16 for bf16 inputs; fp32 with "tf32x3" for fp16 inputs, because ``∂L/∂s`` underflows
+  fp16 at large N; the compute dtype with ``DOT_PREC`` otherwise).
+* ``MIXED`` segments (the MixCSE blocks) pair a 16-bit input with an fp32 mixture: both
+  operands are upcast to ``ACC_DTYPE`` and dotted with ``DOT_PREC``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+NORM_EPS = tl.constexpr(1e-12)
+
+
+@triton.jit
+def _inv_norm_kernel(x_ptr, out_ptr, R, D,
+                     ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Inverse L2 norms ``out[r] = 1 / max(‖x_r‖, 1e-12)``.
+
+    Args:
+        x_ptr: (R, D) rows, any float dtype.
+        out_ptr: (R,) output in ``ACC_DTYPE``.
+        R, D: rows and feature dimension.
+    Grid: ``(cdiv(R, BLOCK_R),)``.
+    """
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    rows = x_ptr + offs_r.to(tl.int64)[:, None] * D
+    sq = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(rows + offs_d[None, :], mask=mask_r[:, None] & (offs_d[None, :] < D), other=0.0)
+        x = x.to(ACC_DTYPE)
+        sq += tl.sum(x * x, axis=1)
+    inv = 1.0 / tl.maximum(tl.sqrt(sq), NORM_EPS)
+    tl.store(out_ptr + offs_r, inv, mask=mask_r)
+
+
+@triton.jit
+def _cos_tile(x_ptr, rx_ptr, offs_m, mask_m, y_ptr, ry_ptr, offs_n, mask_n, D,
+              ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Cosine tile ``(BLOCK_M, BLOCK_N)``: ``dot(x_m, y_n) · rx_m · ry_n``, 0 outside the masks.
+
+    ``x`` rows ``offs_m`` and ``y`` rows ``offs_n`` of two (·, D) matrices; the dot runs over D in
+    ``BLOCK_K`` steps. ``UPCAST`` casts both operands to ``ACC_DTYPE`` (mixed-dtype segments).
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * D
+    y_cols = y_ptr + offs_n.to(tl.int64)[None, :] * D
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + offs_k
+        mk = kk < D
+        x = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0)
+        y = tl.load(y_cols + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(ACC_DTYPE)
+            y = y.to(ACC_DTYPE)
+        acc = tl.dot(x, y, acc, input_precision=DOT_PREC)
+    rx = tl.load(rx_ptr + offs_m, mask=mask_m, other=0.0)
+    ry = tl.load(ry_ptr + offs_n, mask=mask_n, other=0.0)
+    return acc * rx[:, None] * ry[None, :]
+
+
+@triton.jit
+def _masked_entry(offs_m, offs_n, n_anchor, PATTERN: tl.constexpr):
+    """MixCSE's constant entry of row i: column ``(i - 1) mod N`` (mix3) or ``(i + 1) mod N`` (mix4)."""
+    if PATTERN == 3:
+        partner = (offs_m + n_anchor - 1) % n_anchor
+    else:
+        partner = (offs_m + 1) % n_anchor
+    return offs_n[None, :] == partner[:, None]
+
+
+@triton.jit
+def _logits(cos, inv_tau, w, offs_m, offs_n, n_anchor, PATTERN: tl.constexpr):
+    """Logit tile ``cos / tau`` with the block's constant pattern (see module docstring)."""
+    s = cos * inv_tau
+    diag = offs_m[:, None] == offs_n[None, :]
+    if PATTERN == 1:
+        s = tl.where(diag, s + w, s)
+    if PATTERN == 2:
+        s = tl.where(diag, float("-inf"), s)
+    if PATTERN >= 3:
+        s = tl.where(_masked_entry(offs_m, offs_n, n_anchor, PATTERN), 0.0, s)
+        s = tl.where(diag, s + w, s)
+    return s
+
+
+@triton.jit
+def _dlogits(cos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, n_anchor, col_offset,
+             lse, rw, g, labels, cw, clse,
+             PATTERN: tl.constexpr, TARGET: tl.constexpr, SYM: tl.constexpr):
+    """``∂L/∂s`` tile (reference.py, "Gradient"): ``rw_i σ_ij (+ cw_j σ'_ij) − g_i [col = l_i]``.
+
+    ``lse, rw, g, labels``: (BLOCK_M,) row LSE, softmax weight (g or g/2), upstream grad, target
+    column. ``cw, clse``: (BLOCK_N,) column weight ``½ Σ_{l_i = j} g_i`` and column LSE (``SYM``).
+    ``col_offset``: global column of the segment's first column (targets live in [0, P + K)).
+    Constant (masked) logits and out-of-range entries get 0.
+    """
+    s = _logits(cos, inv_tau, w, offs_m, offs_n, n_anchor, PATTERN)
+    ds = rw[:, None] * tl.exp(s - lse[:, None])
+    if SYM:
+        ds += cw[None, :] * tl.exp(s - clse[None, :])
+    if TARGET:
+        hit = mask_n[None, :] & ((offs_n[None, :] + col_offset) == labels[:, None])
+        ds -= tl.where(hit, g[:, None], 0.0)
+    if PATTERN >= 3:
+        ds = tl.where(_masked_entry(offs_m, offs_n, n_anchor, PATTERN), 0.0, ds)
+    return tl.where(mask_m[:, None] & mask_n[None, :], ds, 0.0)
+
+
+@triton.jit
+def _row_lse_segment(m_i, l_i, t_i, x_ptr, rx_ptr, offs_m, mask_m, y_ptr, ry_ptr, n_cols, col_offset,
+                     labels, inv_tau, w, n_anchor, D,
+                     PATTERN: tl.constexpr, TARGET: tl.constexpr, UPCAST: tl.constexpr,
+                     ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Online LSE of rows ``offs_m`` over one column segment (``n_cols`` rows of ``y``).
+
+    ``m_i, l_i``: (BLOCK_M,) running max and sum; ``t_i``: running target logit (``TARGET``:
+    adds the logit at global column ``labels``). Returns the updated ``(m_i, l_i, t_i)``.
+    """
+    for j0 in range(0, n_cols, BLOCK_N):
+        offs_n = j0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_cols
+        cos = _cos_tile(x_ptr, rx_ptr, offs_m, mask_m, y_ptr, ry_ptr, offs_n, mask_n, D,
+                        ACC_DTYPE, UPCAST, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        s = _logits(cos, inv_tau, w, offs_m, offs_n, n_anchor, PATTERN)
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        if TARGET:
+            hit = mask_n[None, :] & ((offs_n[None, :] + col_offset) == labels[:, None])
+            t_i += tl.sum(tl.where(hit, s, 0.0), axis=1)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        m_i = m_new
+    return m_i, l_i, t_i
+
+
+@triton.jit
+def _fwd_row_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_ptr, rmix3_ptr, mix4_ptr, rmix4_ptr,
+                    tau_ptr, w_ptr, labels_ptr, lse_ptr, tgt_ptr, N, P, K, D,
+                    HAS_NEG: tl.constexpr, ANCHOR_NEG: tl.constexpr, HAS_MIX: tl.constexpr,
+                    ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Forward over anchor row blocks: per-row LSE over every block and the target logit.
+
+    Args:
+        a_ptr (N, D), p_ptr (P, D), neg_ptr (K, D; ``HAS_NEG``): raw features, input dtype.
+        mix3_ptr, mix4_ptr (N, D; ``HAS_MIX``): detached raw MixCSE mixtures, ``ACC_DTYPE``.
+        ra/rp/rneg/rmix3/rmix4_ptr: matching inverse norms.
+        tau_ptr, w_ptr: (1,) temperature and hard-negative weight.
+        labels_ptr (N,) int64: target columns in [0, P + K).
+        lse_ptr, tgt_ptr (N,) outputs: row log-sum-exp and target logit, ``ACC_DTYPE``.
+    Grid: ``(cdiv(N, BLOCK_M),)``. Segments, in the reference's order: positives, negatives
+    (+w at P+i), anchors (-inf at i; ``ANCHOR_NEG``), mix3 and mix4 (``HAS_MIX``).
+    """
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N
+    inv_tau = 1.0 / tl.load(tau_ptr).to(ACC_DTYPE)
+    w = tl.load(w_ptr).to(ACC_DTYPE)
+    labels = tl.load(labels_ptr + offs_m, mask=mask_m, other=-1)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC_DTYPE)
+    l_i = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    t_i = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    m_i, l_i, t_i = _row_lse_segment(m_i, l_i, t_i, a_ptr, ra_ptr, offs_m, mask_m, p_ptr, rp_ptr, P, 0,
+                                     labels, inv_tau, w, N, D, 0, True, False,
+                                     ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    if HAS_NEG:
+        m_i, l_i, t_i = _row_lse_segment(m_i, l_i, t_i, a_ptr, ra_ptr, offs_m, mask_m, neg_ptr, rneg_ptr, K, P,
+                                         labels, inv_tau, w, N, D, 1, True, False,
+                                         ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    if ANCHOR_NEG:
+        m_i, l_i, t_i = _row_lse_segment(m_i, l_i, t_i, a_ptr, ra_ptr, offs_m, mask_m, a_ptr, ra_ptr, N, 0,
+                                         labels, inv_tau, w, N, D, 2, False, False,
+                                         ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    if HAS_MIX:
+        m_i, l_i, t_i = _row_lse_segment(m_i, l_i, t_i, a_ptr, ra_ptr, offs_m, mask_m, mix3_ptr, rmix3_ptr, N, 0,
+                                         labels, inv_tau, w, N, D, 3, False, True,
+                                         ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        m_i, l_i, t_i = _row_lse_segment(m_i, l_i, t_i, mix4_ptr, rmix4_ptr, offs_m, mask_m, p_ptr, rp_ptr, N, 0,
+                                         labels, inv_tau, w, N, D, 4, False, True,
+                                         ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    tl.store(lse_ptr + offs_m, m_i + tl.log(l_i), mask=mask_m)
+    tl.store(tgt_ptr + offs_m, t_i, mask=mask_m)
+
+
+@triton.jit
+def _fwd_col_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, tau_ptr, clse_ptr, N, P, D,
+                    ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Symmetric loss: column LSE of the positives block, ``clse[j] = logsumexp_i â_i·p̂_j / tau``.
+
+    Args: a_ptr (N, D), p_ptr (P, D) raw features; ra/rp_ptr inverse norms; tau_ptr (1,);
+    clse_ptr (P,) output in ``ACC_DTYPE``. Grid: ``(cdiv(P, BLOCK_N),)``, looping over anchors.
+    """
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < P
+    inv_tau = 1.0 / tl.load(tau_ptr).to(ACC_DTYPE)
+    m_j = tl.full((BLOCK_N,), float("-inf"), dtype=ACC_DTYPE)
+    l_j = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    for i0 in range(0, N, BLOCK_M):
+        offs_m = i0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        cos = _cos_tile(a_ptr, ra_ptr, offs_m, mask_m, p_ptr, rp_ptr, offs_n, mask_n, D,
+                        ACC_DTYPE, False, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        s = tl.where(mask_m[:, None], cos * inv_tau, float("-inf"))
+        m_new = tl.maximum(m_j, tl.max(s, axis=0))
+        l_j = l_j * tl.exp(m_j - m_new) + tl.sum(tl.exp(s - m_new[None, :]), axis=0)
+        m_j = m_new
+    tl.store(clse_ptr + offs_n, m_j + tl.log(l_j), mask=mask_n)
+
+
+@triton.jit
+def _row_grad_segment(acc, dt, x_ptr, rx_ptr, offs_m, mask_m, y_ptr, ry_ptr, n_cols, col_offset,
+                      lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, n_anchor, D, offs_do, mask_do,
+                      PATTERN: tl.constexpr, TARGET: tl.constexpr, SYM: tl.constexpr, MIXED: tl.constexpr,
+                      ACCUM: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                      GRAD_DTYPE: tl.constexpr, GRAD_PREC: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One column segment of the row-block backward.
+
+    ``acc`` (BLOCK_M, BLOCK_DO) += ``Σ_j ∂L/∂s_ij · ŷ_j / tau`` over columns ``offs_do`` of D
+    (only when ``ACCUM``); ``dt`` (BLOCK_M,) += ``Σ_j ∂L/∂s_ij · cos_ij`` (for ∂L/∂tau).
+    """
+    for j0 in range(0, n_cols, BLOCK_N):
+        offs_n = j0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_cols
+        cos = _cos_tile(x_ptr, rx_ptr, offs_m, mask_m, y_ptr, ry_ptr, offs_n, mask_n, D,
+                        ACC_DTYPE, MIXED, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        if SYM:
+            cw = tl.load(cw_ptr + offs_n, mask=mask_n, other=0.0)
+            clse = tl.load(clse_ptr + offs_n, mask=mask_n, other=0.0)
+        else:
+            cw = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+            clse = cw
+        ds = _dlogits(cos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, n_anchor, col_offset,
+                      lse, rw, g, labels, cw, clse, PATTERN, TARGET, SYM)
+        dt += tl.sum(ds * cos, axis=1)
+        if ACCUM:
+            ry = tl.load(ry_ptr + offs_n, mask=mask_n, other=0.0)
+            dsc = ds * (ry * inv_tau)[None, :]
+            y = tl.load(y_ptr + offs_n.to(tl.int64)[:, None] * D + offs_do[None, :],
+                        mask=mask_n[:, None] & mask_do[None, :], other=0.0)
+            if MIXED:
+                acc = tl.dot(dsc, y.to(ACC_DTYPE), acc, input_precision=DOT_PREC)
+            else:
+                acc = tl.dot(dsc.to(GRAD_DTYPE), y.to(GRAD_DTYPE), acc, input_precision=GRAD_PREC)
+    return acc, dt
+
+
+@triton.jit
+def _bwd_row_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_ptr, rmix3_ptr, mix4_ptr, rmix4_ptr,
+                    tau_ptr, w_ptr, labels_ptr, lse_ptr, g_ptr, cw_ptr, clse_ptr, da_ptr, dtau_ptr,
+                    N, P, K, D,
+                    HAS_NEG: tl.constexpr, ANCHOR_NEG: tl.constexpr, HAS_MIX: tl.constexpr,
+                    SYMMETRIC: tl.constexpr, NEED_DTAU: tl.constexpr,
+                    ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                    GRAD_DTYPE: tl.constexpr, GRAD_PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_DO: tl.constexpr):
+    """Backward over anchor row blocks: ``∂L/∂â`` from the anchors' row role, and ``∂L/∂tau`` parts.
+
+    Args (beyond :func:`_fwd_row_kernel`'s inputs):
+        lse_ptr (N,): saved row LSE. g_ptr (N,): upstream ``∂L/∂ℓ_i`` in ``ACC_DTYPE``.
+        cw_ptr, clse_ptr (P,; ``SYMMETRIC``): column weights ``½ Σ_{l_i=j} g_i`` and column LSE.
+        da_ptr (N, D) output ``ACC_DTYPE``: ``∂L/∂â_i`` summed over every block where anchors
+            are the rows (the column role of ``ANCHOR_NEG`` is added by :func:`_bwd_col_kernel`).
+        dtau_ptr (N,) output: ``Σ_j ∂L/∂s_ij · cos_ij`` per row over every block (written by
+            the programs with ``pid_d == 0``; ``NEED_DTAU`` also walks the mix4 block, whose rows
+            get no gradient).
+    Grid: ``(cdiv(N, BLOCK_M), cdiv(D, BLOCK_DO))``; each program owns a (BLOCK_M, BLOCK_DO)
+    output tile and recomputes its rows' logits (full-D dots) from the saved LSE.
+    """
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N
+    offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    mask_do = offs_do < D
+    inv_tau = 1.0 / tl.load(tau_ptr).to(ACC_DTYPE)
+    w = tl.load(w_ptr).to(ACC_DTYPE)
+    labels = tl.load(labels_ptr + offs_m, mask=mask_m, other=-1)
+    lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
+    g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
+    if SYMMETRIC:
+        rw = 0.5 * g
+    else:
+        rw = g
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC_DTYPE)
+    dt = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    acc, dt = _row_grad_segment(acc, dt, a_ptr, ra_ptr, offs_m, mask_m, p_ptr, rp_ptr, P, 0,
+                                lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D, offs_do, mask_do,
+                                0, True, SYMMETRIC, False, True, ACC_DTYPE, DOT_PREC, GRAD_DTYPE, GRAD_PREC,
+                                BLOCK_M, BLOCK_N, BLOCK_K)
+    if HAS_NEG:
+        acc, dt = _row_grad_segment(acc, dt, a_ptr, ra_ptr, offs_m, mask_m, neg_ptr, rneg_ptr, K, P,
+                                    lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D, offs_do, mask_do,
+                                    1, True, False, False, True, ACC_DTYPE, DOT_PREC, GRAD_DTYPE, GRAD_PREC,
+                                    BLOCK_M, BLOCK_N, BLOCK_K)
+    if ANCHOR_NEG:
+        acc, dt = _row_grad_segment(acc, dt, a_ptr, ra_ptr, offs_m, mask_m, a_ptr, ra_ptr, N, 0,
+                                    lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D, offs_do, mask_do,
+                                    2, False, False, False, True, ACC_DTYPE, DOT_PREC, GRAD_DTYPE, GRAD_PREC,
+                                    BLOCK_M, BLOCK_N, BLOCK_K)
+    if HAS_MIX:
+        acc, dt = _row_grad_segment(acc, dt, a_ptr, ra_ptr, offs_m, mask_m, mix3_ptr, rmix3_ptr, N, 0,
+                                    lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D, offs_do, mask_do,
+                                    3, False, False, True, True, ACC_DTYPE, DOT_PREC, GRAD_DTYPE, GRAD_PREC,
+                                    BLOCK_M, BLOCK_N, BLOCK_K)
+    tl.store(da_ptr + offs_m.to(tl.int64)[:, None] * D + offs_do[None, :], acc,
+             mask=mask_m[:, None] & mask_do[None, :])
+    if pid_d == 0:
+        if NEED_DTAU:
+            if HAS_MIX:
+                acc, dt = _row_grad_segment(acc, dt, mix4_ptr, rmix4_ptr, offs_m, mask_m, p_ptr, rp_ptr, N, 0,
+                                            lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D,
+                                            offs_do, mask_do, 4, False, False, True, False,
+                                            ACC_DTYPE, DOT_PREC, GRAD_DTYPE, GRAD_PREC,
+                                            BLOCK_M, BLOCK_N, BLOCK_K)
+        tl.store(dtau_ptr + offs_m, dt, mask=mask_m)
+
+
+@triton.jit
+def _col_grad_segment(acc, x_ptr, rx_ptr, n_rows, y_ptr, ry_ptr, offs_n, mask_n, col_offset,
+                      labels_ptr, lse_ptr, g_ptr, cw, clse, inv_tau, w, D, offs_do, mask_do,
+                      PATTERN: tl.constexpr, TARGET: tl.constexpr, SYM: tl.constexpr, MIXED: tl.constexpr,
+                      SYMMETRIC: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                      GRAD_DTYPE: tl.constexpr, GRAD_PREC: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One row source of the column-block backward.
+
+    ``acc`` (BLOCK_N, BLOCK_DO) += ``Σ_i ∂L/∂s_ij · x̂_i / tau`` for the columns ``offs_n``, looping
+    over all ``n_rows`` rows of ``x`` (anchors, or mix4 for the mix4 block; row i of either is
+    logit row i, so ``lse_ptr``/``g_ptr``/``labels_ptr`` (N,) index the same way).
+    ``SYMMETRIC``: the row weight is g/2; ``SYM``: add the column term (cw, clse: (BLOCK_N,)).
+    """
+    for i0 in range(0, n_rows, BLOCK_M):
+        offs_m = i0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < n_rows
+        labels = tl.load(labels_ptr + offs_m, mask=mask_m, other=-1)
+        lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
+        g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
+        if SYMMETRIC:
+            rw = 0.5 * g
+        else:
+            rw = g
+        cos = _cos_tile(x_ptr, rx_ptr, offs_m, mask_m, y_ptr, ry_ptr, offs_n, mask_n, D,
+                        ACC_DTYPE, MIXED, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        ds = _dlogits(cos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, n_rows, col_offset,
+                      lse, rw, g, labels, cw, clse, PATTERN, TARGET, SYM)
+        rx = tl.load(rx_ptr + offs_m, mask=mask_m, other=0.0)
+        dsr = ds * (rx * inv_tau)[:, None]
+        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * D + offs_do[None, :],
+                    mask=mask_m[:, None] & mask_do[None, :], other=0.0)
+        if MIXED:
+            acc = tl.dot(tl.trans(dsr), x.to(ACC_DTYPE), acc, input_precision=DOT_PREC)
+        else:
+            acc = tl.dot(tl.trans(dsr.to(GRAD_DTYPE)), x.to(GRAD_DTYPE), acc, input_precision=GRAD_PREC)
+    return acc
+
+
+@triton.jit
+def _bwd_col_kernel(a_ptr, ra_ptr, c_ptr, rc_ptr, mix4_ptr, rmix4_ptr, tau_ptr, w_ptr, labels_ptr, lse_ptr,
+                    g_ptr, cw_ptr, clse_ptr, dc_ptr, N, n_cols, D, col_offset,
+                    PATTERN: tl.constexpr, TARGET: tl.constexpr, SYMMETRIC: tl.constexpr,
+                    SYM_COLS: tl.constexpr, WITH_MIX4: tl.constexpr,
+                    ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                    GRAD_DTYPE: tl.constexpr, GRAD_PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_DO: tl.constexpr):
+    """Backward over blocks of one candidate segment's columns: ``∂L/∂ĉ_j`` (column role).
+
+    Launched once per segment whose columns get a gradient:
+
+    * positives: ``c_ptr`` = p (P, D), ``PATTERN`` 0, ``TARGET`` (col_offset 0), the symmetric
+      column term ``SYM_COLS`` (= ``SYMMETRIC``; ``SYMMETRIC`` alone halves the row weight),
+      and ``WITH_MIX4`` (MixCSE: the mix4 rows (N, D) also see p).
+    * negatives: ``c_ptr`` = n (K, D), ``PATTERN`` 1, ``TARGET`` with col_offset P.
+    * anchors (``anchor_negatives``): ``c_ptr`` = a (N, D), ``PATTERN`` 2.
+
+    Args: a_ptr (N, D) anchors; ra/rc/rmix4_ptr inverse norms; labels/lse/g_ptr (N,);
+    cw_ptr, clse_ptr (P,) (symmetric, positives only); dc_ptr (n_cols, D) output ``ACC_DTYPE``.
+    Grid: ``(cdiv(n_cols, BLOCK_N), cdiv(D, BLOCK_DO))``.
+    """
+    pid_n = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_cols
+    offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    mask_do = offs_do < D
+    inv_tau = 1.0 / tl.load(tau_ptr).to(ACC_DTYPE)
+    w = tl.load(w_ptr).to(ACC_DTYPE)
+    if SYM_COLS:
+        cw = tl.load(cw_ptr + offs_n, mask=mask_n, other=0.0)
+        clse = tl.load(clse_ptr + offs_n, mask=mask_n, other=0.0)
+    else:
+        cw = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+        clse = cw
+    acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=ACC_DTYPE)
+    acc = _col_grad_segment(acc, a_ptr, ra_ptr, N, c_ptr, rc_ptr, offs_n, mask_n, col_offset,
+                            labels_ptr, lse_ptr, g_ptr, cw, clse, inv_tau, w, D, offs_do, mask_do,
+                            PATTERN, TARGET, SYM_COLS, False, SYMMETRIC, ACC_DTYPE, DOT_PREC,
+                            GRAD_DTYPE, GRAD_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    if WITH_MIX4:
+        acc = _col_grad_segment(acc, mix4_ptr, rmix4_ptr, N, c_ptr, rc_ptr, offs_n, mask_n, 0,
+                                labels_ptr, lse_ptr, g_ptr, cw, clse, inv_tau, w, D, offs_do, mask_do,
+                                4, False, False, True, SYMMETRIC, ACC_DTYPE, DOT_PREC,
+                                GRAD_DTYPE, GRAD_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    tl.store(dc_ptr + offs_n.to(tl.int64)[:, None] * D + offs_do[None, :], acc,
+             mask=mask_n[:, None] & mask_do[None, :])
+
+
+@triton.jit
+def _norm_bwd_kernel(x_ptr, r_ptr, g1_ptr, g2_ptr, out_ptr, R, D,
+                     HAS_SECOND: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Normalization backward ``∂x = r · (∂x̂ − x̂ (x̂ · ∂x̂))`` (``x̂ = r x``, ``r = 1/max(‖x‖, eps)``).
+
+    When ``‖x‖ <= eps`` the clamp is active and ``∂x = r ∂x̂`` (as ``F.normalize``).
+
+    Args:
+        x_ptr (R, D): raw rows (input dtype). r_ptr (R,): inverse norms.
+        g1_ptr, g2_ptr (R, D): ``∂L/∂x̂`` in ``ACC_DTYPE``, summed when ``HAS_SECOND``.
+        out_ptr (R, D): ``∂L/∂x`` in the input dtype.
+    Grid: ``(cdiv(R, BLOCK_R),)``; two passes over D (the row dot, then the write).
+    """
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    base = offs_r.to(tl.int64)[:, None] * D
+    dot = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
+    sq = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = mask_r[:, None] & (offs_d[None, :] < D)
+        x = tl.load(x_ptr + base + offs_d[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+        gz = tl.load(g1_ptr + base + offs_d[None, :], mask=mask, other=0.0)
+        if HAS_SECOND:
+            gz += tl.load(g2_ptr + base + offs_d[None, :], mask=mask, other=0.0)
+        dot += tl.sum(x * gz, axis=1)
+        sq += tl.sum(x * x, axis=1)
+    r = tl.load(r_ptr + offs_r, mask=mask_r, other=0.0)
+    # x̂ · ∂x̂ = r (x · ∂x̂); the projection term is r · x̂ (x̂ · ∂x̂) = r³ (x · ∂x̂) x.
+    coef = tl.where(tl.sqrt(sq) > NORM_EPS, r * r * r * dot, 0.0)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = mask_r[:, None] & (offs_d[None, :] < D)
+        x = tl.load(x_ptr + base + offs_d[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+        gz = tl.load(g1_ptr + base + offs_d[None, :], mask=mask, other=0.0)
+        if HAS_SECOND:
+            gz += tl.load(g2_ptr + base + offs_d[None, :], mask=mask, other=0.0)
+        out = r[:, None] * gz - coef[:, None] * x
+        tl.store(out_ptr + base + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)

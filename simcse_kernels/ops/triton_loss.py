@@ -1,0 +1,449 @@
+r"""Backend ``"triton"``: fused Triton kernels for the whole InfoNCE family, forward and backward.
+
+The math of every option and the gradient derivation are in :mod:`simcse_kernels.reference`
+(section "Gradient"); the kernels (:mod:`simcse_kernels.ops.triton_kernels`) mirror the chunked
+torch backend :mod:`simcse_kernels.ops.chunked` tile by tile and never write an N x M buffer.
+
+Algorithm
+---------
+* Inverse norms ``r = 1/max(‖x‖, 1e-12)`` of every feature matrix (O(N) vectors, one kernel).
+  Logit tiles are ``tl.dot(raw rows, raw cols) · r_i · r_j / tau`` with fp32 accumulation
+  (fp64 for fp64 inputs); fp32 inputs use ``input_precision="tf32"`` only when
+  ``torch.backends.cuda.matmul.allow_tf32`` is set, ``"ieee"`` otherwise.
+* Forward: one program per ``BLOCK_M`` anchor rows walks every column block (positives,
+  negatives, anchors, mix3, mix4) with an online max/sum and picks up the target logit; it saves
+  the per-row LSE (N,). ``symmetric=True`` adds a second kernel over positive-column blocks for
+  the column LSE (P,).
+* Backward: ``∂L/∂s`` is recomputed tile by tile from the saved LSEs and never stored.
+  **Two kernels, no atomics**: one over anchor-row blocks accumulates ``∂L/∂â`` (and the
+  per-row ``Σ ∂L/∂s · cos`` for the temperature), one over candidate-column blocks
+  accumulates ``∂L/∂p̂``, ``∂L/∂n̂`` and the column role of ``∂L/∂â`` (anchor negatives). Each
+  program owns its output tile, so the gradients are deterministic (bit-reproducible run to
+  run), need no zero-initialised fp32 atomic buffers and work unchanged for fp64; the price is
+  one extra recomputation of the logits (3 logit passes in all instead of 2 with atomics).
+  The output feature dimension is split in ``BLOCK_DO`` chunks (grid axis 1) to bound the
+  accumulator, which repeats the logit recomputation once per chunk for D > BLOCK_DO.
+  A last O((N+M)·D) kernel applies the normalization backward
+  ``∂x = r (∂x̂ − x̂ (x̂·∂x̂))`` and writes the gradient in the input dtype.
+* ``∂L/∂tau = −(1/tau²) Σ ∂L/∂s · cos`` is reduced per row in the row kernel (exact, including
+  the mix4 block when tau is learnable) and summed in torch.
+* MixCSE's mixtures ``mix3``/``mix4`` are detached (N, D) tensors built in the compute dtype
+  (as :mod:`simcse_kernels.ops.features` does); their blocks upcast the 16-bit operand to fp32.
+
+Block sizes
+-----------
+Under ``TRITON_INTERPRET=1`` (CPU tests): ``BLOCK_M=BLOCK_N=32, BLOCK_K=128, BLOCK_DO=256``
+(:data:`INTERPRET_BLOCKS`; each interpreted op costs ~0.1 ms, so few big tiles) so that N = 129 /
+D = 384 still cross several row, column, K and output-D blocks; the tests also shrink them to 16.
+On CUDA, heuristics by dtype and D (:func:`block_config`), or a small ``triton.autotune`` set
+keyed on D and the block flags when ``SIMCSE_TRITON_AUTOTUNE=1``:
+
+* 16-bit: forward 128 x 64 x 64 (8 warps, 3 stages); backward 64 x 64 x 64 and
+  ``BLOCK_DO = min(256, next_pow2(D))`` (8 warps).
+* fp32: forward 64 x 64 x 32; backward 64 x 32 x 32, ``BLOCK_DO = min(128, next_pow2(D))``.
+* fp64: 32 x 32 x 16, ``BLOCK_DO = min(64, next_pow2(D))``.
+
+Gradient dot precision: bf16 inputs cast ``∂L/∂s`` to bf16 (as flash-attention does); fp16
+inputs keep it fp32 and use ``"tf32x3"`` (``∂L/∂s ~ g/N`` underflows fp16 at large N;
+"ieee" on ROCm); fp32/fp64 use the forward's precision.
+
+Custom ops
+----------
+The kernels run inside two ``torch.library.custom_op`` s (``simcse_kernels::triton_info_nce_fwd``
+/ ``_bwd``) with fake (meta) implementations, called from :class:`TritonInfoNCEFunction`, so
+``torch.compile`` traces the loss without a graph break.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..reference import mixed_features, reduce_loss
+from .features import compute_dtype_for, temperature_tensor
+
+try:  # triton is an optional dependency
+    import triton
+    import triton.language as tl
+
+    from . import triton_kernels as _k
+
+    _TRITON_IMPORT_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    triton = tl = _k = None
+    _TRITON_IMPORT_ERROR = str(exc)
+
+#: triton decides at decoration time whether kernels are interpreted: record it at import.
+_INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unavailable_reason(device: torch.device | str) -> str | None:
+    """None if the Triton kernels can run on ``device``, else a sentence saying why not."""
+    device = torch.device(device)
+    if _TRITON_IMPORT_ERROR is not None:
+        return f"triton cannot be imported ({_TRITON_IMPORT_ERROR}); pip install 'simcse-kernels[triton]'"
+    if device.type == "cuda":
+        if _INTERPRETED_AT_IMPORT:
+            return ("TRITON_INTERPRET=1 was set when the kernels were imported: they run in the CPU "
+                    "interpreter only; unset it to run them on CUDA")
+        return None if torch.cuda.is_available() else "CUDA is not available in this torch build"
+    if device.type == "cpu":
+        if _INTERPRETED_AT_IMPORT and os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return ("the Triton kernels need a CUDA GPU; on CPU they run only in the Triton interpreter "
+                "(set TRITON_INTERPRET=1 before importing triton; slow, meant for tests)")
+    return f"the Triton kernels do not support device type {device.type!r}"
+
+
+# ----------------------------------------------------------------------------------------------
+# block sizes
+
+def _interpreting() -> bool:
+    return _INTERPRETED_AT_IMPORT
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+#: block sizes under the interpreter (small: several blocks at test shapes, few Python steps)
+INTERPRET_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, BLOCK_DO=256)
+
+
+def block_config(kind: str, d: int, dtype: torch.dtype) -> dict:
+    """Launch parameters of kernel ``kind`` ("fwd", "bwd", "norm") for dimension ``d``, input ``dtype``."""
+    if kind == "norm":
+        block_d = min(256 if dtype != torch.float64 else 128, max(16, _next_pow2(d)))
+        cfg = dict(BLOCK_R=16, BLOCK_D=block_d)
+        return cfg if _interpreting() else dict(cfg, num_warps=4)
+    if _interpreting():
+        cfg = dict(INTERPRET_BLOCKS)
+        if kind == "fwd":
+            cfg.pop("BLOCK_DO")
+        return cfg
+    d_pow2 = max(16, _next_pow2(d))
+    if dtype == torch.float64:
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, BLOCK_DO=min(64, d_pow2), num_warps=4, num_stages=2)
+    elif dtype == torch.float32:
+        if kind == "fwd":
+            cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+        else:
+            cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, BLOCK_DO=min(128, d_pow2), num_warps=4, num_stages=2)
+    else:
+        if kind == "fwd":
+            cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64 if d >= 64 else 32, num_warps=8, num_stages=3)
+        else:
+            cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64 if d >= 64 else 32, BLOCK_DO=min(256, d_pow2),
+                       num_warps=8, num_stages=2)
+    if kind == "fwd":
+        cfg.pop("BLOCK_DO", None)
+    return cfg
+
+
+def _autotune_enabled() -> bool:
+    return not _interpreting() and os.environ.get("SIMCSE_TRITON_AUTOTUNE", "0") == "1"
+
+
+_TUNED: dict[str, object] = {}
+
+
+def _tuned(name: str):
+    """The autotuned wrapper of kernel ``name`` (CUDA only), built on first use."""
+    if name in _TUNED:
+        return _TUNED[name]
+    Config = triton.Config
+    if name in ("fwd_row", "fwd_col"):
+        configs = [Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=wp, num_stages=st)
+                   for m, n, k, wp, st in [(128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3),
+                                           (64, 64, 32, 4, 4), (32, 32, 16, 4, 2)]]
+        key = ["D", "HAS_NEG", "ANCHOR_NEG", "HAS_MIX"] if name == "fwd_row" else ["D"]
+    else:
+        configs = [Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, BLOCK_DO=do), num_warps=wp, num_stages=st)
+                   for m, n, k, do, wp, st in [(64, 64, 64, 256, 8, 2), (64, 64, 64, 128, 4, 2),
+                                               (128, 64, 64, 128, 8, 2), (64, 32, 32, 128, 4, 2),
+                                               (32, 32, 16, 64, 4, 2)]]
+        key = (["D", "HAS_NEG", "ANCHOR_NEG", "HAS_MIX", "SYMMETRIC"] if name == "bwd_row"
+               else ["D", "PATTERN", "SYMMETRIC", "SYM_COLS", "WITH_MIX4"])
+    kernel = {"fwd_row": _k._fwd_row_kernel, "fwd_col": _k._fwd_col_kernel,
+              "bwd_row": _k._bwd_row_kernel, "bwd_col": _k._bwd_col_kernel}[name]
+    _TUNED[name] = triton.autotune(configs=configs, key=key)(kernel)
+    return _TUNED[name]
+
+
+def _launch(name: str, kernel, grid, d: int, dtype: torch.dtype, **kwargs) -> None:
+    """Launch ``kernel`` with heuristic blocks, or its autotuned version. ``grid(meta) -> tuple``."""
+    if _autotune_enabled():
+        _tuned(name)[grid](**kwargs)
+        return
+    cfg = block_config("fwd" if name.startswith("fwd") else "bwd", d, dtype)
+    kernel[grid(cfg)](**kwargs, **cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# precision
+
+def _tl_dtype(dtype: torch.dtype):
+    return {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
+            torch.bfloat16: tl.bfloat16}[dtype]
+
+
+def _precisions(dtype: torch.dtype) -> dict:
+    """``ACC_DTYPE``, ``DOT_PREC``, ``GRAD_DTYPE``, ``GRAD_PREC`` for inputs of ``dtype``."""
+    on_rocm = torch.version.hip is not None
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32 and not on_rocm
+    dot_prec = "tf32" if allow_tf32 else "ieee"
+    if dtype == torch.float64:
+        return dict(ACC_DTYPE=tl.float64, DOT_PREC="ieee", GRAD_DTYPE=tl.float64, GRAD_PREC="ieee")
+    if dtype == torch.bfloat16:
+        return dict(ACC_DTYPE=tl.float32, DOT_PREC=dot_prec, GRAD_DTYPE=tl.bfloat16, GRAD_PREC=dot_prec)
+    if dtype == torch.float16:
+        return dict(ACC_DTYPE=tl.float32, DOT_PREC=dot_prec, GRAD_DTYPE=tl.float32,
+                    GRAD_PREC="ieee" if on_rocm else "tf32x3")
+    return dict(ACC_DTYPE=tl.float32, DOT_PREC=dot_prec, GRAD_DTYPE=tl.float32, GRAD_PREC=dot_prec)
+
+
+# ----------------------------------------------------------------------------------------------
+# launch wrappers
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _inv_norms(x: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+    """(R,) inverse norms ``1/max(‖x_r‖, 1e-12)`` of the (R, D) rows of ``x``, dtype ``cdt``."""
+    r, d = x.shape
+    out = torch.empty(r, device=x.device, dtype=cdt)
+    if r == 0:
+        return out
+    cfg = block_config("norm", d, x.dtype)
+    _k._inv_norm_kernel[(_cdiv(r, cfg["BLOCK_R"]),)](x, out, r, d, ACC_DTYPE=_tl_dtype(cdt), **cfg)
+    return out
+
+
+def _norm_backward(x: torch.Tensor, r: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor | None) -> torch.Tensor:
+    """``∂L/∂x`` (input dtype) from ``∂L/∂x̂ = g1 (+ g2)`` (compute dtype), all (R, D)."""
+    rows, d = x.shape
+    out = torch.empty_like(x)
+    if rows == 0:
+        return out
+    cfg = block_config("norm", d, x.dtype)
+    _k._norm_bwd_kernel[(_cdiv(rows, cfg["BLOCK_R"]),)](
+        x, r, g1, g1 if g2 is None else g2, out, rows, d,
+        HAS_SECOND=g2 is not None, ACC_DTYPE=_tl_dtype(g1.dtype), **cfg)
+    return out
+
+
+def _prepare(anchors, positives, negatives, mix3, mix4, tau, w):
+    """Inverse norms, scalar tensors and flags shared by the forward and backward launches."""
+    cdt = compute_dtype_for(anchors.dtype)
+    ra = _inv_norms(anchors, cdt)
+    rp = _inv_norms(positives, cdt)
+    has_neg = negatives is not None and negatives.shape[0] > 0
+    has_mix = mix3 is not None
+    neg = negatives if has_neg else anchors
+    rneg = _inv_norms(negatives, cdt) if has_neg else ra
+    m3, m4 = (mix3, mix4) if has_mix else (anchors, anchors)
+    rm3, rm4 = (_inv_norms(mix3, cdt), _inv_norms(mix4, cdt)) if has_mix else (ra, ra)
+    tau_t = tau.detach().reshape(1).to(device=anchors.device, dtype=cdt)
+    w_t = torch.full((1,), float(w), device=anchors.device, dtype=cdt)
+    ptrs = dict(a_ptr=anchors, ra_ptr=ra, p_ptr=positives, rp_ptr=rp, neg_ptr=neg, rneg_ptr=rneg,
+                mix3_ptr=m3, rmix3_ptr=rm3, mix4_ptr=m4, rmix4_ptr=rm4, tau_ptr=tau_t, w_ptr=w_t)
+    return cdt, ptrs, has_neg, has_mix
+
+
+def _forward_impl(anchors, positives, negatives, mix3, mix4, tau, labels, hard_negative_weight,
+                  anchor_negatives, symmetric):
+    n, d = anchors.shape
+    n_pos = positives.shape[0]
+    cdt, ptrs, has_neg, has_mix = _prepare(anchors, positives, negatives, mix3, mix4, tau, hard_negative_weight)
+    k = negatives.shape[0] if has_neg else 0
+    prec = _precisions(anchors.dtype)
+    lse = torch.empty(n, device=anchors.device, dtype=cdt)
+    tgt = torch.empty(n, device=anchors.device, dtype=cdt)
+    _launch("fwd_row", _k._fwd_row_kernel, lambda m: (_cdiv(n, m["BLOCK_M"]),), d, anchors.dtype,
+            **ptrs, labels_ptr=labels, lse_ptr=lse, tgt_ptr=tgt, N=n, P=n_pos, K=k, D=d,
+            HAS_NEG=has_neg, ANCHOR_NEG=anchor_negatives, HAS_MIX=has_mix,
+            ACC_DTYPE=prec["ACC_DTYPE"], DOT_PREC=prec["DOT_PREC"])
+    loss = lse - tgt
+    if symmetric:
+        clse = torch.empty(n_pos, device=anchors.device, dtype=cdt)
+        _launch("fwd_col", _k._fwd_col_kernel, lambda m: (_cdiv(n_pos, m["BLOCK_N"]),), d, anchors.dtype,
+                a_ptr=ptrs["a_ptr"], ra_ptr=ptrs["ra_ptr"], p_ptr=ptrs["p_ptr"], rp_ptr=ptrs["rp_ptr"],
+                tau_ptr=ptrs["tau_ptr"], clse_ptr=clse, N=n, P=n_pos, D=d,
+                ACC_DTYPE=prec["ACC_DTYPE"], DOT_PREC=prec["DOT_PREC"])
+        loss = 0.5 * (loss + clse[labels] - tgt)
+    else:
+        clse = torch.empty(0, device=anchors.device, dtype=cdt)
+    return loss, lse, clse
+
+
+def _backward_impl(grad_rows, anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse,
+                   hard_negative_weight, anchor_negatives, symmetric, need_dtau):
+    n, d = anchors.shape
+    n_pos = positives.shape[0]
+    cdt, ptrs, has_neg, has_mix = _prepare(anchors, positives, negatives, mix3, mix4, tau, hard_negative_weight)
+    k = negatives.shape[0] if has_neg else 0
+    prec = _precisions(anchors.dtype)
+    dev = anchors.device
+    g = grad_rows.to(cdt).contiguous()
+    if symmetric:
+        cw = torch.zeros(n_pos, device=dev, dtype=cdt).index_add_(0, labels, 0.5 * g)
+    else:
+        cw = clse = lse  # unused (SYMMETRIC=False)
+    common = dict(tau_ptr=ptrs["tau_ptr"], w_ptr=ptrs["w_ptr"], labels_ptr=labels, lse_ptr=lse, g_ptr=g,
+                  cw_ptr=cw, clse_ptr=clse, **prec)
+    da_rows = torch.empty(n, d, device=dev, dtype=cdt)
+    dtau_rows = torch.empty(n, device=dev, dtype=cdt)
+    _launch("bwd_row", _k._bwd_row_kernel, lambda m: (_cdiv(n, m["BLOCK_M"]), _cdiv(d, m["BLOCK_DO"])),
+            d, anchors.dtype, **ptrs, **{k_: v for k_, v in common.items() if k_ not in ("tau_ptr", "w_ptr")},
+            da_ptr=da_rows, dtau_ptr=dtau_rows, N=n, P=n_pos, K=k, D=d,
+            HAS_NEG=has_neg, ANCHOR_NEG=anchor_negatives, HAS_MIX=has_mix, SYMMETRIC=symmetric,
+            NEED_DTAU=need_dtau)
+
+    def column_grads(c, rc, n_cols, col_offset, pattern, target, with_mix4):
+        out = torch.empty(n_cols, d, device=dev, dtype=cdt)
+        _launch("bwd_col", _k._bwd_col_kernel,
+                lambda m: (_cdiv(n_cols, m["BLOCK_N"]), _cdiv(d, m["BLOCK_DO"])), d, anchors.dtype,
+                a_ptr=anchors, ra_ptr=ptrs["ra_ptr"], c_ptr=c, rc_ptr=rc, mix4_ptr=ptrs["mix4_ptr"],
+                rmix4_ptr=ptrs["rmix4_ptr"], **common, dc_ptr=out, N=n, n_cols=n_cols, D=d,
+                col_offset=col_offset, PATTERN=pattern, TARGET=target, SYMMETRIC=symmetric,
+                SYM_COLS=symmetric and pattern == 0, WITH_MIX4=with_mix4)
+        return out
+
+    dp_hat = column_grads(positives, ptrs["rp_ptr"], n_pos, 0, 0, True, has_mix)
+    d_pos = _norm_backward(positives, ptrs["rp_ptr"], dp_hat, None)
+    d_neg = anchors.new_empty((0, d))
+    if has_neg:
+        dn_hat = column_grads(negatives, ptrs["rneg_ptr"], k, n_pos, 1, True, False)
+        d_neg = _norm_backward(negatives, ptrs["rneg_ptr"], dn_hat, None)
+    da_cols = column_grads(anchors, ptrs["ra_ptr"], n, 0, 2, False, False) if anchor_negatives else None
+    d_anc = _norm_backward(anchors, ptrs["ra_ptr"], da_rows, da_cols)
+    tau_c = tau.detach().to(device=dev, dtype=cdt).reshape(())
+    d_tau = -dtau_rows.sum() / (tau_c * tau_c) if need_dtau else torch.zeros((), device=dev, dtype=cdt)
+    return d_anc, d_pos, d_neg, d_tau
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops (opaque to torch.compile) and their fake implementations
+
+@torch.library.custom_op("simcse_kernels::triton_info_nce_fwd", mutates_args=())
+def triton_info_nce_fwd(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor | None,
+    mix3: torch.Tensor | None,
+    mix4: torch.Tensor | None,
+    tau: torch.Tensor,
+    labels: torch.Tensor,
+    hard_negative_weight: float,
+    anchor_negatives: bool,
+    symmetric: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row losses (N,), row LSE (N,) and column LSE (P,; (0,) unless symmetric), compute dtype.
+
+    Args: anchors (N, D), positives (P, D), negatives (K, D) or None — contiguous, one dtype;
+    mix3, mix4 (N, D) detached MixCSE mixtures in the compute dtype, or None; tau 0-dim;
+    labels (N,) int64 in [0, P + K).
+    """
+    return _forward_impl(anchors, positives, negatives, mix3, mix4, tau, labels, hard_negative_weight,
+                         anchor_negatives, symmetric)
+
+
+@triton_info_nce_fwd.register_fake
+def _(anchors, positives, negatives, mix3, mix4, tau, labels, hard_negative_weight, anchor_negatives, symmetric):
+    cdt = compute_dtype_for(anchors.dtype)
+    n = anchors.shape[0]
+    loss = anchors.new_empty((n,), dtype=cdt)
+    lse = anchors.new_empty((n,), dtype=cdt)
+    clse = anchors.new_empty((positives.shape[0] if symmetric else 0,), dtype=cdt)
+    return loss, lse, clse
+
+
+@torch.library.custom_op("simcse_kernels::triton_info_nce_bwd", mutates_args=())
+def triton_info_nce_bwd(
+    grad_rows: torch.Tensor,
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor | None,
+    mix3: torch.Tensor | None,
+    mix4: torch.Tensor | None,
+    tau: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    clse: torch.Tensor,
+    hard_negative_weight: float,
+    anchor_negatives: bool,
+    symmetric: bool,
+    need_dtau: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(∂anchors, ∂positives, ∂negatives, ∂tau)`` from ``grad_rows`` = ∂L/∂ℓ (N,).
+
+    Feature grads come in the input dtype (``∂negatives`` is (0, D) when there are none);
+    ``∂tau`` is 0-dim in the compute dtype (zero unless ``need_dtau``). Other args as the forward,
+    plus its saved ``lse`` (N,) and ``clse`` (P,) or (0,).
+    """
+    return _backward_impl(grad_rows, anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse,
+                          hard_negative_weight, anchor_negatives, symmetric, need_dtau)
+
+
+@triton_info_nce_bwd.register_fake
+def _(grad_rows, anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse, hard_negative_weight,
+      anchor_negatives, symmetric, need_dtau):
+    cdt = compute_dtype_for(anchors.dtype)
+    d_neg = torch.empty_like(negatives) if negatives is not None else anchors.new_empty((0, anchors.shape[1]))
+    return torch.empty_like(anchors), torch.empty_like(positives), d_neg, anchors.new_empty((), dtype=cdt)
+
+
+class TritonInfoNCEFunction(torch.autograd.Function):
+    """Per-row InfoNCE losses (N,) in the compute dtype from raw features, via the Triton custom ops.
+
+    ``forward(anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric)``:
+    shapes as :func:`triton_info_nce_fwd`. Gradients flow to anchors, positives, negatives and tau
+    (never to the detached mixtures or labels).
+    """
+
+    @staticmethod
+    def forward(ctx, anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric):
+        loss, lse, clse = torch.ops.simcse_kernels.triton_info_nce_fwd(
+            anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric)
+        ctx.save_for_backward(anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse)
+        ctx.options = (w, anchor_negatives, symmetric)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse = ctx.saved_tensors
+        w, anchor_negatives, symmetric = ctx.options
+        need_dtau = ctx.needs_input_grad[5]
+        d_anc, d_pos, d_neg, d_tau = torch.ops.simcse_kernels.triton_info_nce_bwd(
+            grad_loss.contiguous(), anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse,
+            w, anchor_negatives, symmetric, need_dtau)
+        return (d_anc, d_pos, d_neg if negatives is not None else None, None, None,
+                d_tau if need_dtau else None, None, None, None, None)
+
+
+def triton_info_nce(anchors, positives, negatives, labels, options):
+    """The loss of backend ``"triton"`` on validated inputs (reduced like ``reference_loss``).
+
+    Args:
+        anchors: (N, D), positives: (P, D), negatives: (K, D) or None — one float dtype, one device.
+        labels: (N,) integer targets in [0, P + K).
+        options: :class:`~simcse_kernels.options.InfoNCEOptions`.
+
+    Returns:
+        The loss in fp32 (fp64 for fp64 inputs): shape () or (N,) for ``reduction="none"``.
+    """
+    cdt = compute_dtype_for(anchors.dtype)
+    tau = temperature_tensor(options, anchors.device, cdt)
+    mix3 = mix4 = None
+    if options.mix_lambda is not None:
+        mix3 = mixed_features(positives.to(cdt), options.mix_lambda).contiguous()
+        mix4 = mixed_features(anchors.to(cdt), options.mix_lambda).contiguous()
+    if negatives is not None and negatives.shape[0] == 0:
+        negatives = None
+    per_row = TritonInfoNCEFunction.apply(
+        anchors.contiguous(), positives.contiguous(), None if negatives is None else negatives.contiguous(),
+        mix3, mix4, tau, labels.to(torch.int64).contiguous(), float(options.hard_negative_weight),
+        bool(options.anchor_negatives), bool(options.symmetric))
+    return reduce_loss(per_row, options.reduction)

@@ -273,19 +273,37 @@ def test_float64_is_refused_explicitly():
 
 
 @pytest.mark.cuda
-def test_torch_compile_matches_eager():
+def test_torch_compile_full_graph_matches_eager():
+    """The autograd Function over the two custom ops traces into one graph (fake impls give the shapes)."""
     _cuda_or_skip()
     a, p, neg = make_inputs(65, 96, 65, dtype=torch.bfloat16, device="cuda", seed=8)
-    fn = lambda x, y, z: fused_info_nce(x, y, z, hard_negative_weight=0.4, symmetric=True, backend="cuda",
-                                        check_inputs=False)
+    labels = torch.arange(65, device="cuda")
+    tau = torch.tensor(0.05, device="cuda")
+
+    def fn(x, y, z, t):
+        per_row = cuda_loss.CudaInfoNCEFunction.apply(x, y, z, None, None, t, labels, 0.4, True, True)
+        return per_row.mean()
+
     compiled = torch.compile(fn, fullgraph=True)
-    leaves = [t.clone().requires_grad_(True) for t in (a, p, neg)]
-    eager = [t.clone().requires_grad_(True) for t in (a, p, neg)]
-    compiled(*leaves).backward()
-    fn(*eager).backward()
-    torch.testing.assert_close(compiled(*leaves), fn(*eager))
-    for x, y in zip(leaves, eager):  # float32 atomics: equal up to summation order
+    leaves = [t.clone().requires_grad_(True) for t in (a, p, neg, tau)]
+    eager = [t.clone().requires_grad_(True) for t in (a, p, neg, tau)]
+    loss_compiled = compiled(*leaves)
+    loss_eager = fn(*eager)
+    loss_compiled.backward()
+    loss_eager.backward()
+    torch.testing.assert_close(loss_compiled, loss_eager)
+    for x, y in zip(leaves[:3], eager[:3]):  # float32 atomics: equal up to summation order
         torch.testing.assert_close(x.grad, y.grad)
+    # dL/dtau cancels terms of size 1/(N tau^2): its round-off unit (as in conftest)
+    torch.testing.assert_close(leaves[3].grad, eager[3].grad, rtol=1e-4, atol=1e-5 / (65 * 0.05**2))
+
+
+@pytest.mark.cuda
+def test_torch_compile_through_the_public_api():
+    _cuda_or_skip()
+    a, p, neg = make_inputs(33, 64, 33, device="cuda", seed=9)
+    fn = lambda x, y, z: fused_info_nce(x, y, z, hard_negative_weight=0.2, mix_lambda=0.3, backend="cuda")
+    torch.testing.assert_close(torch.compile(fn)(a, p, neg), fn(a, p, neg))
 
 
 @pytest.mark.cuda

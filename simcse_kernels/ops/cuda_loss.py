@@ -346,8 +346,9 @@ class CudaInfoNCEFunction(torch.autograd.Function):
             anchors, positives, negatives, mix3, mix4, tau, labels, lse, col_lse, row_weight, col_weight, g, w,
             anchor_negatives, symmetric,
         )
-        dtau_cos = dtau_acc.to(tau.dtype) - (g * target_cos).sum()
-        grad_tau = -dtau_cos / (tau * tau)
+        # sum dS·cos nearly cancels against the target term: subtract in float64
+        dtau_cos = dtau_acc - (g.double() * target_cos.double()).sum()
+        grad_tau = (-dtau_cos / (tau.double() * tau.double())).to(tau.dtype)
         return (grad_a, grad_p, grad_n if negatives is not None else None, None, None, grad_tau,
                 None, None, None, None)
 

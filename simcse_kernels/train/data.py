@@ -1,0 +1,136 @@
+"""Training data: unsup text (one sentence a line), sup CSV (``sent0,sent1[,hard_neg]``), batching.
+
+Batch order is a pure function of (seed, step): epoch ``e`` uses ``randperm(n)`` seeded with
+``seed + e`` and drops the last incomplete batch, so resuming at step ``s`` needs no sampler state.
+With ``world_size`` > 1 the global batch is split into contiguous per-rank blocks.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def read_unsup(path: str | Path) -> list[tuple[str, ...]]:
+    """Unsup SimCSE examples: each non-empty line ``s`` gives ``(s, s)`` (two dropout views)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training text file not found: {path}")
+    with path.open(encoding="utf-8") as f:
+        return [(s, s) for s in (line.strip() for line in f) if s]
+
+
+def read_sup_csv(path: str | Path) -> list[tuple[str, ...]]:
+    """Sup SimCSE examples from a CSV with header ``sent0,sent1[,hard_neg]``: ``(sent0, sent1[, hard_neg])``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training CSV not found: {path}")
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "sent0" not in rows[0] or "sent1" not in rows[0]:
+        raise ValueError(f"{path}: expected a header with sent0,sent1[,hard_neg]")
+    cols = ["sent0", "sent1"] + (["hard_neg"] if "hard_neg" in rows[0] else [])
+    return [tuple(r[c] for c in cols) for r in rows]
+
+
+def read_examples(path: str | Path) -> list[tuple[str, ...]]:
+    """``.csv`` -> :func:`read_sup_csv`, anything else -> :func:`read_unsup`."""
+    return read_sup_csv(path) if str(path).endswith(".csv") else read_unsup(path)
+
+
+class BatchOrder:
+    """Deterministic, resumable batch order.
+
+    Args:
+        n_examples: data set size.
+        batch_size: global batch size (all ranks together).
+        seed: base seed; epoch ``e`` is shuffled with ``seed + e``.
+    """
+
+    def __init__(self, n_examples: int, batch_size: int, seed: int) -> None:
+        if n_examples < batch_size:
+            raise ValueError(f"{n_examples} examples are fewer than one batch of {batch_size}")
+        self.n, self.batch_size, self.seed = n_examples, batch_size, seed
+        self.batches_per_epoch = n_examples // batch_size
+        self._perm_epoch, self._perm = -1, None
+
+    def indices(self, step: int, rank: int = 0, world_size: int = 1) -> list[int]:
+        """Example indices of global step ``step`` (0-based) for ``rank`` (a contiguous block)."""
+        epoch, b = divmod(step, self.batches_per_epoch)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g).tolist(), epoch
+        batch = self._perm[b * self.batch_size : (b + 1) * self.batch_size]
+        per_rank = self.batch_size // world_size
+        return batch[rank * per_rank : (rank + 1) * per_rank]
+
+
+def mask_tokens(input_ids: torch.Tensor, special_mask: torch.Tensor, mask_id: int, vocab_size: int,
+                generator: torch.Generator, probability: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking (80% [MASK], 10% random, 10% kept), as SimCSE's data collator.
+
+    Args:
+        input_ids: (B, L) ids; special_mask: (B, L) bool, True for [CLS]/[SEP]/padding.
+        mask_id, vocab_size: tokenizer facts; generator: the RNG (seeded per step for exact resume).
+
+    Returns:
+        (masked ids (B, L), labels (B, L) with -100 on unmasked positions).
+    """
+    labels = input_ids.clone()
+    chosen = (torch.rand(input_ids.shape, generator=generator) < probability) & ~special_mask
+    labels[~chosen] = -100
+    ids = input_ids.clone()
+    r = torch.rand(input_ids.shape, generator=generator)
+    ids[chosen & (r < 0.8)] = mask_id
+    rand_pos = chosen & (r >= 0.8) & (r < 0.9)
+    ids[rand_pos] = torch.randint(vocab_size, input_ids.shape, generator=generator)[rand_pos]
+    return ids, labels
+
+
+class Collator:
+    """Tokenizes a list of examples (tuples of V texts) into one (B*V, L) batch, example-major.
+
+    Args:
+        tokenizer: an HF tokenizer.
+        max_length: truncation length.
+        mlm_probability: if set, also returns ``mlm_input_ids`` / ``mlm_labels`` (B, L) built from the
+            first view, masked with a generator seeded by ``seed`` (pass the step for exact resume).
+    """
+
+    def __init__(self, tokenizer, max_length: int = 32, mlm_probability: float | None = None) -> None:
+        self.tokenizer, self.max_length, self.mlm_probability = tokenizer, max_length, mlm_probability
+
+    def __call__(self, examples: list[tuple[str, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
+        n_views = len(examples[0])
+        flat = [text for ex in examples for text in ex]
+        enc = self.tokenizer(flat, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        batch = {k: enc[k] for k in TOKEN_KEYS if k in enc}
+        batch["n_views"] = n_views
+        if self.mlm_probability:
+            first = {k: v[::n_views] for k, v in batch.items() if k in TOKEN_KEYS}
+            special = (first["input_ids"] == self.tokenizer.cls_token_id) | (
+                first["input_ids"] == self.tokenizer.sep_token_id) | (first["attention_mask"] == 0)
+            g = torch.Generator().manual_seed(seed)
+            ids, labels = mask_tokens(first["input_ids"], special, self.tokenizer.mask_token_id,
+                                      len(self.tokenizer), g, self.mlm_probability)
+            batch["mlm_input_ids"], batch["mlm_labels"] = ids, labels
+        return batch
+
+
+def split_batch(batch: dict, chunk_examples: int) -> list[dict]:
+    """Split a collated batch into mini-batches of ``chunk_examples`` examples (all views of an example
+    stay together; padding is kept as collated)."""
+    v = batch["n_views"]
+    n = batch["input_ids"].shape[0] // v
+    chunks = []
+    for s in range(0, n, chunk_examples):
+        e = min(n, s + chunk_examples)
+        c = {k: batch[k][s * v : e * v] for k in TOKEN_KEYS if k in batch}
+        c.update({k: batch[k][s:e] for k in ("mlm_input_ids", "mlm_labels") if k in batch})
+        c["n_views"] = v
+        chunks.append(c)
+    return chunks

@@ -1,0 +1,317 @@
+"""The SimCSE training loop: AdamW + linear warmup/decay, autocast, clipping, gradient caching,
+cross-rank negatives, JSONL metrics, checkpoints with exact resume, STS-B dev model selection.
+
+``train(TrainConfig(...))`` is the whole API; :mod:`.cli` maps ``simcse-train`` flags onto it.
+Outputs under ``output_dir``: ``metrics.jsonl`` (one record per logged step / evaluation),
+``checkpoints/step-XXXXXXX/`` (training state), ``best/`` (export with the best STS-B dev score)
+and ``final/`` (export at the end); exports load with ``transformers`` and ``sentence-transformers``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..module import FusedInfoNCE
+from . import checkpoint as ckpt
+from .data import TOKEN_KEYS, BatchOrder, Collator, read_examples, split_batch
+from .distributed import average_gradients, init_from_env, is_distributed, mean_over_ranks, rank_and_world
+from .grad_cache import cuda_devices_of, grad_cache_backward
+from .model import SimCSEModel, resolve_model_path
+from .objective import contrastive_loss
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    """Every training option (``simcse-train --help`` documents each flag of the same name)."""
+
+    model: str
+    train_file: str
+    output_dir: str
+    pooler: str = "cls"
+    mlp_only_train: bool = False
+    max_length: int = 32
+    batch_size: int = 64
+    grad_cache_chunk: int | None = None
+    max_steps: int | None = None
+    epochs: float = 1.0
+    lr: float = 3e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    temperature: float = 0.05
+    learnable_temperature: bool = False
+    hard_negative_weight: float = 0.0
+    mix_lambda: float | None = None
+    symmetric: bool = False
+    do_mlm: bool = False
+    mlm_weight: float = 0.1
+    mlm_probability: float = 0.15
+    precision: str = "fp32"
+    device: str = "auto"
+    seed: int = 42
+    log_every: int = 10
+    save_every: int | None = None
+    keep_checkpoints: int = 2
+    eval_every: int | None = 125
+    eval_before: bool = False
+    data_dir: str | None = None
+    eval_max_length: int = 128
+    resume: bool = True
+    backend: str = "auto"
+    progress: bool = True
+
+
+def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
+    """LR multiplier: 0 -> 1 over ``warmup`` steps, then linearly 1 -> 0 at ``total``."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return factor
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+class Trainer:
+    """Holds the model, data, optimizer and state of one run; :meth:`fit` trains (see :func:`train`)."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        self.cfg = cfg
+        dev = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = init_from_env(dev)
+        self.rank, self.world = rank_and_world()
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by world size {self.world}")
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # same MLP init on every rank
+        path = resolve_model_path(cfg.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        loss_fn = FusedInfoNCE(temperature=cfg.temperature, hard_negative_weight=cfg.hard_negative_weight,
+                               symmetric=cfg.symmetric, mix_lambda=cfg.mix_lambda, backend=cfg.backend,
+                               learnable_temperature=cfg.learnable_temperature)
+        self.model = SimCSEModel.from_pretrained(path, pooler=cfg.pooler, mlp_only_train=cfg.mlp_only_train,
+                                                 do_mlm=cfg.do_mlm, loss_fn=loss_fn).to(self.device)
+        torch.manual_seed(cfg.seed + self.rank)  # distinct dropout per rank
+        self.examples = read_examples(cfg.train_file)
+        self.order = BatchOrder(len(self.examples), cfg.batch_size, cfg.seed)
+        self.collate = Collator(self.tokenizer, cfg.max_length, cfg.mlm_probability if cfg.do_mlm else None)
+        self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * self.order.batches_per_epoch))
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            (no_decay if p.ndim < 2 else decay).append(p)
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           linear_schedule(cfg.warmup_steps, self.total_steps))
+        self.amp_dtype = PRECISIONS[cfg.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
+        self.step, self.best = 0, None
+        self.metrics_path = self.out / "metrics.jsonl"
+        self._dev_pairs = None
+        self.last_dev: float | None = None
+
+    # ---- one optimisation step -------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def _embed(self, chunk: dict) -> torch.Tensor:
+        with self._autocast():
+            z = self.model(**{k: chunk[k] for k in TOKEN_KEYS if k in chunk})
+        return z.view(-1, chunk["n_views"], z.shape[-1])
+
+    def _mlm(self, chunk: dict) -> torch.Tensor:
+        with self._autocast():
+            loss = self.model.mlm_loss(chunk["mlm_input_ids"], chunk["attention_mask"][:: chunk["n_views"]],
+                                       chunk["mlm_labels"])
+        return self.cfg.mlm_weight * loss.float()
+
+    def _scale(self, t: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(t) if self.scaler is not None else t
+
+    def forward_backward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Loss (and weighted MLM loss) of one local batch; accumulates parameter gradients."""
+        loss_of = lambda z: contrastive_loss(z, self.model.loss_fn)
+        aux = self._mlm if self.cfg.do_mlm else None
+        n_local = batch["input_ids"].shape[0] // batch["n_views"]
+        chunk = self.cfg.grad_cache_chunk
+        if chunk and chunk < n_local:
+            return grad_cache_backward(self._embed, split_batch(batch, chunk), loss_of,
+                                       cuda_devices=cuda_devices_of(self.model), aux_loss=aux, scale=self._scale)
+        loss = loss_of(self._embed(batch))
+        mlm = aux(batch) if aux is not None else None
+        self._scale(loss if mlm is None else loss + mlm).backward()
+        return loss.detach(), (mlm.detach() if mlm is not None else None)
+
+    def train_step(self) -> dict:
+        """Run global step ``self.step``: data, forward/backward, all-reduce, clip, update. Returns metrics."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        idx = self.order.indices(self.step, self.rank, self.world)
+        batch = self.collate([self.examples[i] for i in idx], seed=(cfg.seed * 1_000_003 + self.step) * 64 + self.rank)
+        batch = _to_device(batch, self.device)
+        self.model.train()
+        loss, mlm = self.forward_backward(batch)
+        average_gradients(self.model.parameters())
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = None
+        if cfg.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        tau = self.model.loss_fn.temperature
+        rec = {"step": self.step, "loss": float(mean_over_ranks(loss)), "lr": self.scheduler.get_last_lr()[0],
+               "temperature": float(tau) if not isinstance(tau, float) else tau,
+               "examples_per_s": cfg.batch_size / dt, "step_time_s": dt}
+        if mlm is not None:
+            rec["mlm_loss"] = float(mean_over_ranks(mlm)) / cfg.mlm_weight
+        if grad_norm is not None:
+            rec["grad_norm"] = grad_norm
+        return rec
+
+    # ---- evaluation, logging, checkpoints --------------------------------------------------
+    def evaluate_dev(self) -> float:
+        """STS-B dev Spearman x 100 (cosine), as SimCSE's model selection."""
+        from .sts_eval import eval_pairs, load_stsb
+
+        if self._dev_pairs is None:
+            self._dev_pairs = load_stsb(self.cfg.data_dir, "dev")
+        encode = lambda s: self.model.embed_sentences(self.tokenizer, s, max_length=self.cfg.eval_max_length)
+        return eval_pairs(encode, self._dev_pairs)
+
+    def log(self, rec: dict) -> None:
+        if self.rank == 0:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def _truncate_metrics(self) -> None:
+        """On resume, drop records of steps after the checkpoint (a killed run may have logged them)."""
+        if self.rank != 0 or not self.metrics_path.is_file():
+            return
+        keep = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+
+    def save_checkpoint(self) -> None:
+        path = self.out / "checkpoints" / f"step-{self.step:07d}"
+        if self.world > 1:  # every rank's RNG differs; rank 0 saves the rest
+            path.mkdir(parents=True, exist_ok=True)
+            torch.save(ckpt.rng_state(), path / f"rng-rank{self.rank}.pt")
+            torch.distributed.barrier()
+        if self.rank == 0:
+            ckpt.save_state(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                            scaler=self.scaler, step=self.step, best=self.best,
+                            extra={"config": dataclasses.asdict(self.cfg)})
+            old = sorted((self.out / "checkpoints").glob("step-*"))[: -self.cfg.keep_checkpoints]
+            for p in old:
+                shutil.rmtree(p, ignore_errors=True)
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def maybe_resume(self) -> None:
+        path = ckpt.latest_checkpoint(self.out) if self.cfg.resume else None
+        if path is None:
+            return
+        blob = ckpt.load_state(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                               scaler=self.scaler)
+        if self.world > 1:
+            ckpt.set_rng_state(torch.load(path / f"rng-rank{self.rank}.pt", weights_only=False))
+        self.step, self.best = blob["step"], blob["best"]
+        self._truncate_metrics()
+        if self.rank == 0:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def _eval_and_select(self) -> None:
+        if self.rank == 0:
+            score = self.last_dev = self.evaluate_dev()
+            is_best = self.best is None or score > self.best
+            if is_best:
+                self.best = score
+                ckpt.export_model(self.model, self.tokenizer, self.out / "best", self.cfg.eval_max_length)
+            self.log({"step": self.step, "stsb_dev_spearman": score, "best": self.best})
+        if is_distributed():
+            best = torch.tensor([self.best if self.best is not None else -math.inf], dtype=torch.float64)
+            torch.distributed.broadcast(best, 0)
+            self.best = float(best)
+
+    def fit(self, on_step: Callable[[dict], None] | None = None) -> dict:
+        """Train from the current step (after :meth:`maybe_resume`) to ``total_steps``.
+
+        Args:
+            on_step: called with each step's metrics record (tests use it to simulate a kill).
+
+        Returns:
+            Summary: steps, seconds, last loss, dev scores before/after and best (if evaluated).
+        """
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        evaluating = cfg.data_dir is not None and cfg.eval_every is not None
+        summary: dict = {"steps": self.total_steps}
+        if cfg.eval_before and cfg.data_dir is not None and self.rank == 0 and self.step == 0:
+            summary["stsb_dev_before"] = self.evaluate_dev()
+            self.log({"step": 0, "stsb_dev_spearman": summary["stsb_dev_before"]})
+            print(f"STS-B dev Spearman before training: {summary['stsb_dev_before']:.2f}", flush=True)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress or self.rank != 0,
+                   desc="simcse", dynamic_ncols=True)
+        t0, rec = time.perf_counter(), {}
+        while self.step < self.total_steps:
+            rec = self.train_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", ex_s=f"{rec['examples_per_s']:.0f}")
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                self.log(rec)
+            if evaluating and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
+                self._eval_and_select()
+            if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == self.total_steps):
+                self.save_checkpoint()
+            if on_step is not None:
+                on_step(rec)
+        bar.close()
+        summary.update(seconds=time.perf_counter() - t0, last_loss=rec.get("loss"))
+        if self.rank == 0:
+            ckpt.export_model(self.model, self.tokenizer, self.out / "final", cfg.eval_max_length)
+            if evaluating:
+                summary["stsb_dev_after"] = self.last_dev if self.last_dev is not None else self.evaluate_dev()
+                summary["stsb_dev_best"] = self.best
+                print(f"STS-B dev Spearman after training: {summary['stsb_dev_after']:.2f} "
+                      f"(best {self.best:.2f}, saved in {self.out / 'best'})", flush=True)
+        return summary
+
+
+def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> dict:
+    """Build a :class:`Trainer`, resume from the newest checkpoint in ``output_dir`` if any, and fit."""
+    trainer = Trainer(cfg)
+    trainer.maybe_resume()
+    return trainer.fit(on_step)

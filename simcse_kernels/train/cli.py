@@ -48,6 +48,7 @@ HELP = {
     "resume": "resume from the newest checkpoint in output_dir",
     "backend": "fused_info_nce backend: auto | naive | torch | triton | cuda",
     "progress": "tqdm progress bar",
+    "threads": "torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)",
 }
 
 

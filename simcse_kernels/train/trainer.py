@@ -72,6 +72,7 @@ class TrainConfig:
     resume: bool = True
     backend: str = "auto"
     progress: bool = True
+    threads: int | None = None
 
 
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
@@ -96,6 +97,8 @@ class Trainer:
 
         hf_logging.set_verbosity_error()
         self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         dev = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = init_from_env(dev)
         self.rank, self.world = rank_and_world()
@@ -192,7 +195,7 @@ class Trainer:
         dt = time.perf_counter() - t0
         tau = self.model.loss_fn.temperature
         rec = {"step": self.step, "loss": float(mean_over_ranks(loss)), "lr": self.scheduler.get_last_lr()[0],
-               "temperature": float(tau) if not isinstance(tau, float) else tau,
+               "temperature": float(tau.detach()) if isinstance(tau, torch.Tensor) else float(tau),
                "examples_per_s": cfg.batch_size / dt, "step_time_s": dt}
         if mlm is not None:
             rec["mlm_loss"] = float(mean_over_ranks(mlm)) / cfg.mlm_weight

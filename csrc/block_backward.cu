@@ -74,24 +74,52 @@ __global__ void __launch_bounds__(kThreads)
         gx[r * kGLd + k] = (i < n_x && gk < dim) ? rx[i] * to_float(x[i * xs + gk]) : 0.0f;
       }
       __syncthreads();
+      // Warp w owns the 8 rows (resp. columns) 8w .. 8w + 7 of the tile; the lane is the D index
+      // inside the chunk. Register blocking: one y_hat (x_hat) value feeds 8 FMAs, and the dS
+      // values are read as float4 (row stride kSLd = 68 floats keeps them 16-byte aligned).
       const int64_t gk = d0 + lane;
-      if (gk < dim) {
-        // Warp w: rows (resp. columns) w, w + 8, ...; lane: the D index inside the chunk.
-        for (int u = warp; u < kBM; u += kThreads / kWarp) {
-          const int64_t i = i0 + u;
-          if (grad_rows == nullptr || i >= n_x) continue;
-          float acc = 0.0f;
-#pragma unroll 8
-          for (int v = 0; v < kBN; ++v) acc = fmaf(s[u * kSLd + v], gy[v * kGLd + lane], acc);
-          if (acc != 0.0f) atomicAdd(grad_rows + i * dim + gk, acc);
+      constexpr int kPerWarp = kBM / (kThreads / kWarp);  // 8
+      static_assert(kPerWarp == 8 && kBM == kBN, "the column products below unroll 8 columns per warp");
+      if (grad_rows != nullptr) {
+        float acc[kPerWarp];
+#pragma unroll
+        for (int q = 0; q < kPerWarp; ++q) acc[q] = 0.0f;
+        for (int v = 0; v < kBN; v += 4) {
+          const float y0 = gy[(v + 0) * kGLd + lane], y1 = gy[(v + 1) * kGLd + lane];
+          const float y2 = gy[(v + 2) * kGLd + lane], y3 = gy[(v + 3) * kGLd + lane];
+#pragma unroll
+          for (int q = 0; q < kPerWarp; ++q) {
+            const float4 d4 = *reinterpret_cast<const float4*>(s + (kPerWarp * warp + q) * kSLd + v);
+            acc[q] = fmaf(d4.x, y0, fmaf(d4.y, y1, fmaf(d4.z, y2, fmaf(d4.w, y3, acc[q]))));
+          }
         }
-        for (int v = warp; v < kBN; v += kThreads / kWarp) {
-          const int64_t j = j0 + v;
-          if (grad_cols == nullptr || j >= n_y) continue;
-          float acc = 0.0f;
-#pragma unroll 8
-          for (int u = 0; u < kBM; ++u) acc = fmaf(s[u * kSLd + v], gx[u * kGLd + lane], acc);
-          if (acc != 0.0f) atomicAdd(grad_cols + j * dim + gk, acc);
+#pragma unroll
+        for (int q = 0; q < kPerWarp; ++q) {
+          const int64_t i = i0 + kPerWarp * warp + q;
+          if (i < n_x && gk < dim && acc[q] != 0.0f) atomicAdd(grad_rows + i * dim + gk, acc[q]);
+        }
+      }
+      if (grad_cols != nullptr) {
+        float acc[kPerWarp];
+#pragma unroll
+        for (int q = 0; q < kPerWarp; ++q) acc[q] = 0.0f;
+        for (int u = 0; u < kBM; ++u) {
+          const float xv = gx[u * kGLd + lane];
+          const float4 lo = *reinterpret_cast<const float4*>(s + u * kSLd + kPerWarp * warp);
+          const float4 hi = *reinterpret_cast<const float4*>(s + u * kSLd + kPerWarp * warp + 4);
+          acc[0] = fmaf(lo.x, xv, acc[0]);
+          acc[1] = fmaf(lo.y, xv, acc[1]);
+          acc[2] = fmaf(lo.z, xv, acc[2]);
+          acc[3] = fmaf(lo.w, xv, acc[3]);
+          acc[4] = fmaf(hi.x, xv, acc[4]);
+          acc[5] = fmaf(hi.y, xv, acc[5]);
+          acc[6] = fmaf(hi.z, xv, acc[6]);
+          acc[7] = fmaf(hi.w, xv, acc[7]);
+        }
+#pragma unroll
+        for (int q = 0; q < kPerWarp; ++q) {
+          const int64_t j = j0 + kPerWarp * warp + q;
+          if (j < n_y && gk < dim && acc[q] != 0.0f) atomicAdd(grad_cols + j * dim + gk, acc[q]);
         }
       }
       __syncthreads();
@@ -121,7 +149,8 @@ int launch_block_backward(const Operand& rows, const Operand& cols, int64_t dim,
   const bool ok = dispatch_pair(rows.dtype, cols.dtype, [&](auto xr, auto yc) {
     using TR = decltype(xr);
     using TC = decltype(yc);
-    block_backward_kernel<TR, TC><<<grid, kThreads, 0, st>>>(
+    const auto kernel = &block_backward_kernel<TR, TC>;
+    SIMCSE_LAUNCH(kernel, grid, kThreads, st,
         reinterpret_cast<const TR*>(rows.data), rows.stride, rows.rows, reinterpret_cast<const float*>(rows.inv_norm),
         reinterpret_cast<const TC*>(cols.data), cols.stride, cols.rows, reinterpret_cast<const float*>(cols.inv_norm),
         dim, reinterpret_cast<const float*>(tau), weight, pattern, reinterpret_cast<const float*>(lse),

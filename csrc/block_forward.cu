@@ -90,7 +90,8 @@ int launch_lse_partials(const Operand& rows, const Operand& cols, int64_t dim, u
   const bool ok = dispatch_pair(rows.dtype, cols.dtype, [&](auto xr, auto yc) {
     using TR = decltype(xr);
     using TC = decltype(yc);
-    lse_partials_kernel<TR, TC><<<grid, kThreads, 0, st>>>(
+    const auto kernel = &lse_partials_kernel<TR, TC>;
+    SIMCSE_LAUNCH(kernel, grid, kThreads, st,
         reinterpret_cast<const TR*>(rows.data), rows.stride, rows.rows, reinterpret_cast<const float*>(rows.inv_norm),
         reinterpret_cast<const TC*>(cols.data), cols.stride, cols.rows, reinterpret_cast<const float*>(cols.inv_norm),
         dim, reinterpret_cast<const float*>(tau), weight, pattern, n_splits, reinterpret_cast<float*>(out));

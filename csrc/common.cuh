@@ -14,6 +14,12 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+/// Kernel launch ``kernel<<<grid, block, 0, stream>>>(args...)``. A macro so that the host-side
+/// emulator used to test the kernels on a CPU (csrc/emulation/) can run the same launch code.
+#ifndef SIMCSE_LAUNCH
+#define SIMCSE_LAUNCH(kernel, grid, block, stream, ...) kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
+#endif
+
 namespace simcse {
 
 constexpr float kNormEps = 1e-12f;

@@ -139,8 +139,9 @@ int launch_row_inv_norms(const Operand& x, int64_t dim, uintptr_t out, int devic
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   const bool ok = dispatch_one(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    row_inv_norms_kernel<T><<<row_grid(x.rows), kRowThreads, 0, st>>>(reinterpret_cast<const T*>(x.data), x.stride,
-                                                                      x.rows, dim, reinterpret_cast<float*>(out));
+    const auto kernel = &row_inv_norms_kernel<T>;
+    SIMCSE_LAUNCH(kernel, row_grid(x.rows), kRowThreads, st, reinterpret_cast<const T*>(x.data), x.stride, x.rows,
+                  dim, reinterpret_cast<float*>(out));
   });
   if (!ok) return static_cast<int>(cudaErrorInvalidValue);
   return static_cast<int>(cudaGetLastError());
@@ -153,7 +154,8 @@ int launch_target_cos(const Operand& anchors, const Operand& positives, const Op
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   const bool ok = dispatch_one(anchors.dtype, [&](auto tag) {
     using T = decltype(tag);
-    target_cos_kernel<T><<<row_grid(anchors.rows), kRowThreads, 0, st>>>(
+    const auto kernel = &target_cos_kernel<T>;
+    SIMCSE_LAUNCH(kernel, row_grid(anchors.rows), kRowThreads, st,
         reinterpret_cast<const T*>(anchors.data), anchors.stride, anchors.rows,
         reinterpret_cast<const float*>(anchors.inv_norm), reinterpret_cast<const T*>(positives.data),
         positives.stride, positives.rows, reinterpret_cast<const float*>(positives.inv_norm),
@@ -173,7 +175,8 @@ int launch_target_backward(const Operand& anchors, const Operand& positives, con
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   const bool ok = dispatch_one(anchors.dtype, [&](auto tag) {
     using T = decltype(tag);
-    target_backward_kernel<T><<<row_grid(anchors.rows), kRowThreads, 0, st>>>(
+    const auto kernel = &target_backward_kernel<T>;
+    SIMCSE_LAUNCH(kernel, row_grid(anchors.rows), kRowThreads, st,
         reinterpret_cast<const T*>(anchors.data), anchors.stride, anchors.rows,
         reinterpret_cast<const float*>(anchors.inv_norm), reinterpret_cast<const T*>(positives.data),
         positives.stride, positives.rows, reinterpret_cast<const float*>(positives.inv_norm),
@@ -193,7 +196,8 @@ int launch_normalize_backward(const Operand& x, int64_t dim, uintptr_t dz, uintp
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   const bool ok = dispatch_one(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    normalize_backward_kernel<T><<<row_grid(x.rows), kRowThreads, 0, st>>>(
+    const auto kernel = &normalize_backward_kernel<T>;
+    SIMCSE_LAUNCH(kernel, row_grid(x.rows), kRowThreads, st,
         reinterpret_cast<const T*>(x.data), x.stride, x.rows, dim, reinterpret_cast<const float*>(dz),
         reinterpret_cast<const float*>(tau), reinterpret_cast<T*>(out));
   });

@@ -9,7 +9,9 @@
 #pragma once
 
 #include <math.h>
+#if defined(__CUDACC__)
 #include <mma.h>
+#endif
 
 #include <type_traits>
 

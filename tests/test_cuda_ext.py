@@ -1,8 +1,9 @@
 """Backend "cuda" (the CUDA C++ extension, csrc/): build, bindings, availability, fake ops, parity.
 
 On CPU: the extension was built when nvcc is available, its pybind11 argument checks raise clear
-errors, "cuda" reports why it cannot run, and the custom ops' fake implementations give the right
-shapes. With a GPU (@pytest.mark.cuda): loss and every gradient against the float64 oracle for
+errors, "cuda" reports why it cannot run, the custom ops' fake implementations give the right
+shapes, and the kernels themselves — compiled as C++ against a host emulation of CUDA
+(csrc/emulation/) — match the float64 oracle through the whole backend. With a GPU (@pytest.mark.cuda): loss and every gradient against the float64 oracle for
 every option, dtype and odd shape, torch.compile, and a large bf16 batch.
 """
 
@@ -11,14 +12,21 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import subprocess
+import sys
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import assert_backend_matches_reference, make_inputs
 
+import simcse_kernels.backends as backends
 from simcse_kernels import BackendUnavailableError, fused_info_nce
 from simcse_kernels.ops import cuda_loss
+
+ROOT = Path(__file__).resolve().parents[1]
 
 OPTION_SETS = {
     "unsup": dict(),
@@ -209,6 +217,131 @@ def test_fake_ops_give_shapes_and_dtypes(dtype, option_set):
         if leaf is not None:
             assert leaf.grad.shape == leaf.shape and leaf.grad.dtype == dtype
     assert tau.grad.shape == () and tau.grad.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: the real kernels on a host emulation of CUDA (float32 FMA tiles; WMMA needs a GPU)
+# ---------------------------------------------------------------------------------------------
+
+
+def _cuda_include_dir() -> Path | None:
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        homes.append(str(Path(nvcc).resolve().parents[1]))
+    homes.append("/usr/local/cuda")
+    for home in filter(None, homes):
+        if (Path(home) / "include" / "cuda_fp16.h").is_file():
+            return Path(home) / "include"
+    return None
+
+
+@pytest.fixture(scope="session")
+def emulated_extension(tmp_path_factory):
+    """csrc/*.cu compiled by g++ with csrc/emulation/emu.h: each CTA runs as 256 CPU threads."""
+    import pybind11
+
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    include = _cuda_include_dir()
+    if cxx is None or include is None:
+        pytest.skip("the kernel emulation needs a C++20 compiler and the CUDA headers (cuda_fp16.h)")
+    out = tmp_path_factory.mktemp("emulated_cuda_ext")
+    flags = ["-O1", "-fPIC", f"-I{include}", f"-I{ROOT / 'csrc'}", f"-I{pybind11.get_include()}",
+             f"-I{sysconfig.get_paths()['include']}"]
+    emu = ROOT / "csrc" / "emulation"
+    jobs = [[cxx, "-std=c++20", *flags, "-x", "c++", "-include", str(emu / "emu.h"), "-c", str(ROOT / "csrc" / src),
+             "-o", str(out / (src + ".o"))] for src in ("block_forward.cu", "block_backward.cu", "rowwise.cu",
+                                                       "runtime.cu")]
+    jobs.append([cxx, "-std=c++20", *flags, "-c", str(emu / "stubs.cpp"), "-o", str(out / "stubs.o")])
+    jobs.append([cxx, "-std=c++17", *flags, "-fvisibility=hidden", '-DSIMCSE_CUDA_ARCHS="emulated"', "-c",
+                 str(ROOT / "csrc" / "api.cpp"), "-o", str(out / "api.o")])
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True), jobs))
+    for cmd, res in zip(jobs, results):
+        if res.returncode != 0:
+            if "barrier" in res.stderr and "No such file" in res.stderr:
+                pytest.skip(f"{cxx} lacks C++20 <barrier>")
+            raise AssertionError(f"emulated build failed: {' '.join(cmd)}\n{res.stderr[-4000:]}")
+    target = out / ("_cuda_ext" + sysconfig.get_config_var("EXT_SUFFIX"))
+    objects = sorted(str(p) for p in out.glob("*.o"))
+    subprocess.run([cxx, "-shared", "-o", str(target), *objects, "-lpthread"], check=True)
+    sys.path.insert(0, str(out))
+    try:
+        module = importlib.import_module("_cuda_ext")
+    finally:
+        sys.path.remove(str(out))
+    assert module.CUDA_ARCHS == "emulated"
+    return module
+
+
+class _Stream:
+    cuda_stream = 0
+
+
+_EMULATION = {"active": False}
+
+
+def _emulated_kernel(op):
+    def run(*args):
+        if not _EMULATION["active"]:
+            raise RuntimeError("the CPU kernels of the CUDA custom ops exist only for the emulation tests")
+        return op._init_fn(*args)
+
+    return run
+
+
+@pytest.fixture
+def emulated_backend(emulated_extension, monkeypatch):
+    """Route backend "cuda" on CPU tensors to the emulated kernels (host pointers, stream 0)."""
+    for op in (cuda_loss.cuda_info_nce_forward, cuda_loss.cuda_info_nce_backward):
+        if "cpu" not in op._backend_fns:
+            op.register_kernel("cpu")(_emulated_kernel(op))
+    monkeypatch.setitem(_EMULATION, "active", True)
+    monkeypatch.setattr(cuda_loss, "extension", lambda: emulated_extension)
+    monkeypatch.setattr(cuda_loss, "_sm_count", lambda index: 2)  # several splits per row tile
+    monkeypatch.setattr(cuda_loss, "_check_cuda_inputs", lambda *args: None)
+    monkeypatch.setattr(cuda_loss, "unavailable_reason", lambda device: None)
+    monkeypatch.setattr(backends, "_cuda_unavailable_reason", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream())
+    return emulated_extension
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "dtype,option_set,n,d",
+    [
+        (torch.float32, "everything", 7, 40),
+        (torch.bfloat16, "everything", 70, 33),  # two row tiles, D not a multiple of 32
+        (torch.float16, "mixcse_sup", 1, 20),
+        (torch.float32, "sym_hard_neg", 65, 8),
+        (torch.bfloat16, "none", 9, 100),
+        (torch.float32, "sum", 3, 5),
+    ],
+)
+def test_emulated_kernels_match_reference(emulated_backend, dtype, option_set, n, d):
+    k, opts = _split(option_set, n)
+    a, p, neg = make_inputs(n, d, k, dtype=dtype, seed=n + d)
+    assert_backend_matches_reference("cuda", a, p, neg, tau=torch.tensor(0.05), **opts)
+
+
+@pytest.mark.slow
+def test_emulated_kernels_more_candidates_and_labels(emulated_backend):
+    """M > N over several column tiles and splits; a target among the negatives; anchors as negatives."""
+    a, p, neg = make_inputs(12, 36, 130, n_pos=150, seed=4)
+    labels = torch.randperm(150, generator=torch.Generator().manual_seed(1))[:12]
+    labels[3] = 150 + 5
+    assert_backend_matches_reference("cuda", a, p, neg, tau=0.05, labels=labels, hard_negative_weight=0.2,
+                                     anchor_negatives=True)
+
+
+@pytest.mark.slow
+def test_emulated_kernels_symmetric_repeated_labels_and_zero_rows(emulated_backend):
+    a, p, _ = make_inputs(10, 24, n_pos=75, seed=5)
+    a[4] = 0
+    p[9] = 0
+    labels = torch.tensor([3, 1, 4, 74, 5, 9, 2, 6, 5, 3])
+    assert_backend_matches_reference("cuda", a, p, None, tau=0.05, labels=labels, symmetric=True)
 
 
 # ---------------------------------------------------------------------------------------------

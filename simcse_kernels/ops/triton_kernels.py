@@ -31,7 +31,8 @@ Conventions shared by every kernel
   (bf16 for bf16 inputs; fp32 with "tf32x3" for fp16 inputs, because ``∂L/∂s`` underflows
   fp16 at large N; the compute dtype with ``DOT_PREC`` otherwise).
 * ``MIXED`` segments (the MixCSE blocks) pair a 16-bit input with an fp32 mixture: both
-  operands are upcast to ``ACC_DTYPE`` and dotted with ``DOT_PREC``.
+  operands are upcast to ``ACC_DTYPE`` and dotted with ``MIX_PREC`` ("tf32x3" for 16-bit inputs:
+  fp32-accurate on tensor cores; ``DOT_PREC`` for fp32/fp64 inputs).
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ def _row_lse_segment(m_i, l_i, t_i, x_ptr, rx_ptr, offs_m, mask_m, y_ptr, ry_ptr
 def _fwd_row_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_ptr, rmix3_ptr, mix4_ptr, rmix4_ptr,
                     tau_ptr, w_ptr, labels_ptr, lse_ptr, tgt_ptr, N, P, K, D,
                     HAS_NEG: tl.constexpr, ANCHOR_NEG: tl.constexpr, HAS_MIX: tl.constexpr,
-                    ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                    ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, MIX_PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Forward over anchor row blocks: per-row LSE over every block and the target logit.
 
@@ -208,10 +209,10 @@ def _fwd_row_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_ptr, r
     if HAS_MIX:
         m_i, l_i, t_i = _row_lse_segment(m_i, l_i, t_i, a_ptr, ra_ptr, offs_m, mask_m, mix3_ptr, rmix3_ptr, N, 0,
                                          labels, inv_tau, w, N, D, 3, False, True,
-                                         ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+                                         ACC_DTYPE, MIX_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
         m_i, l_i, t_i = _row_lse_segment(m_i, l_i, t_i, mix4_ptr, rmix4_ptr, offs_m, mask_m, p_ptr, rp_ptr, N, 0,
                                          labels, inv_tau, w, N, D, 4, False, True,
-                                         ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+                                         ACC_DTYPE, MIX_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     tl.store(lse_ptr + offs_m, m_i + tl.log(l_i), mask=mask_m)
     tl.store(tgt_ptr + offs_m, t_i, mask=mask_m)
 
@@ -286,7 +287,7 @@ def _bwd_row_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_ptr, r
                     N, P, K, D,
                     HAS_NEG: tl.constexpr, ANCHOR_NEG: tl.constexpr, HAS_MIX: tl.constexpr,
                     SYMMETRIC: tl.constexpr, NEED_DTAU: tl.constexpr,
-                    ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                    ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, MIX_PREC: tl.constexpr,
                     GRAD_DTYPE: tl.constexpr, GRAD_PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     BLOCK_DO: tl.constexpr):
@@ -337,7 +338,7 @@ def _bwd_row_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_ptr, r
     if HAS_MIX:
         acc, dt = _row_grad_segment(acc, dt, a_ptr, ra_ptr, offs_m, mask_m, mix3_ptr, rmix3_ptr, N, 0,
                                     lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D, offs_do, mask_do,
-                                    3, False, False, True, True, ACC_DTYPE, DOT_PREC, GRAD_DTYPE, GRAD_PREC,
+                                    3, False, False, True, True, ACC_DTYPE, MIX_PREC, GRAD_DTYPE, GRAD_PREC,
                                     BLOCK_M, BLOCK_N, BLOCK_K)
     tl.store(da_ptr + offs_m.to(tl.int64)[:, None] * D + offs_do[None, :], acc,
              mask=mask_m[:, None] & mask_do[None, :])
@@ -347,7 +348,7 @@ def _bwd_row_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_ptr, r
                 acc, dt = _row_grad_segment(acc, dt, mix4_ptr, rmix4_ptr, offs_m, mask_m, p_ptr, rp_ptr, N, 0,
                                             lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D,
                                             offs_do, mask_do, 4, False, False, True, False,
-                                            ACC_DTYPE, DOT_PREC, GRAD_DTYPE, GRAD_PREC,
+                                            ACC_DTYPE, MIX_PREC, GRAD_DTYPE, GRAD_PREC,
                                             BLOCK_M, BLOCK_N, BLOCK_K)
         tl.store(dtau_ptr + offs_m, dt, mask=mask_m)
 
@@ -396,7 +397,7 @@ def _bwd_col_kernel(a_ptr, ra_ptr, c_ptr, rc_ptr, mix4_ptr, rmix4_ptr, tau_ptr, 
                     g_ptr, cw_ptr, clse_ptr, dc_ptr, N, n_cols, D, col_offset,
                     PATTERN: tl.constexpr, TARGET: tl.constexpr, SYMMETRIC: tl.constexpr,
                     SYM_COLS: tl.constexpr, WITH_MIX4: tl.constexpr,
-                    ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                    ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, MIX_PREC: tl.constexpr,
                     GRAD_DTYPE: tl.constexpr, GRAD_PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     BLOCK_DO: tl.constexpr):
@@ -436,7 +437,7 @@ def _bwd_col_kernel(a_ptr, ra_ptr, c_ptr, rc_ptr, mix4_ptr, rmix4_ptr, tau_ptr, 
     if WITH_MIX4:
         acc = _col_grad_segment(acc, mix4_ptr, rmix4_ptr, N, c_ptr, rc_ptr, offs_n, mask_n, 0,
                                 labels_ptr, lse_ptr, g_ptr, cw, clse, inv_tau, w, D, offs_do, mask_do,
-                                4, False, False, True, SYMMETRIC, ACC_DTYPE, DOT_PREC,
+                                4, False, False, True, SYMMETRIC, ACC_DTYPE, MIX_PREC,
                                 GRAD_DTYPE, GRAD_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     tl.store(dc_ptr + offs_n.to(tl.int64)[:, None] * D + offs_do[None, :], acc,
              mask=mask_n[:, None] & mask_do[None, :])

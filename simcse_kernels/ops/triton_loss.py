@@ -39,13 +39,16 @@ On CUDA, heuristics by dtype and D (:func:`block_config`), or a small ``triton.a
 keyed on D and the block flags when ``SIMCSE_TRITON_AUTOTUNE=1``:
 
 * 16-bit: forward 128 x 64 x 64 (8 warps, 3 stages); backward 64 x 64 x 64 and
-  ``BLOCK_DO = min(256, next_pow2(D))`` (8 warps).
+  ``BLOCK_DO = min(128, next_pow2(D))`` (8 warps, 2 stages; 256 spilled registers and needed
+  160 KiB of shared memory with fp32 operands in ptxas for sm_90).
 * fp32: forward 64 x 64 x 32; backward 64 x 32 x 32, ``BLOCK_DO = min(128, next_pow2(D))``.
 * fp64: 32 x 32 x 16, ``BLOCK_DO = min(64, next_pow2(D))``.
 
-Gradient dot precision: bf16 inputs cast ``∂L/∂s`` to bf16 (as flash-attention does); fp16
-inputs keep it fp32 and use ``"tf32x3"`` (``∂L/∂s ~ g/N`` underflows fp16 at large N;
-"ieee" on ROCm); fp32/fp64 use the forward's precision.
+Dot precision: the cosine dots of 16-bit inputs are exact products with fp32 accumulation;
+the MixCSE blocks (16-bit input x fp32 mixture) use ``"tf32x3"`` (fp32-accurate on tensor cores;
+"ieee" on ROCm). Gradient dots: bf16 inputs cast ``∂L/∂s`` to bf16 (as flash-attention does);
+fp16 inputs keep it fp32 with ``"tf32x3"`` (``∂L/∂s ~ g/N`` underflows fp16 at large N);
+fp32/fp64 use the forward's precision.
 
 Custom ops
 ----------
@@ -66,12 +69,14 @@ from .features import compute_dtype_for, temperature_tensor
 try:  # triton is an optional dependency
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 
     from . import triton_kernels as _k
 
     _TRITON_IMPORT_ERROR: str | None = None
 except ImportError as exc:  # pragma: no cover - depends on the environment
     triton = tl = _k = None
+    OutOfResources = RuntimeError
     _TRITON_IMPORT_ERROR = str(exc)
 
 #: triton decides at decoration time whether kernels are interpreted: record it at import.
@@ -113,10 +118,10 @@ INTERPRET_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, BLOCK_DO=256)
 
 def block_config(kind: str, d: int, dtype: torch.dtype) -> dict:
     """Launch parameters of kernel ``kind`` ("fwd", "bwd", "norm") for dimension ``d``, input ``dtype``."""
-    if kind == "norm":
-        block_d = min(256 if dtype != torch.float64 else 128, max(16, _next_pow2(d)))
-        cfg = dict(BLOCK_R=16, BLOCK_D=block_d)
-        return cfg if _interpreting() else dict(cfg, num_warps=4)
+    if kind == "norm":  # memory-bound: ~8 elements per thread (pointer tensors cost 2 registers each)
+        if _interpreting():
+            return dict(BLOCK_R=16, BLOCK_D=min(256, max(16, _next_pow2(d))))
+        return dict(BLOCK_R=8, BLOCK_D=min(128, max(16, _next_pow2(d))), num_warps=4)
     if _interpreting():
         cfg = dict(INTERPRET_BLOCKS)
         if kind == "fwd":
@@ -134,7 +139,7 @@ def block_config(kind: str, d: int, dtype: torch.dtype) -> dict:
         if kind == "fwd":
             cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64 if d >= 64 else 32, num_warps=8, num_stages=3)
         else:
-            cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64 if d >= 64 else 32, BLOCK_DO=min(256, d_pow2),
+            cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64 if d >= 64 else 32, BLOCK_DO=min(128, d_pow2),
                        num_warps=8, num_stages=2)
     if kind == "fwd":
         cfg.pop("BLOCK_DO", None)
@@ -171,13 +176,38 @@ def _tuned(name: str):
     return _TUNED[name]
 
 
+def _smaller(cfg: dict) -> dict | None:
+    """A config using less shared memory/registers (fewer stages, then halved tiles), or None."""
+    cfg = dict(cfg)
+    if cfg.get("num_stages", 1) > 1:
+        cfg["num_stages"] -= 1
+        return cfg
+    for key in ("BLOCK_DO", "BLOCK_K", "BLOCK_M", "BLOCK_N"):
+        if cfg.get(key, 0) > 16:
+            cfg[key] //= 2
+            return cfg
+    return None
+
+
 def _launch(name: str, kernel, grid, d: int, dtype: torch.dtype, **kwargs) -> None:
-    """Launch ``kernel`` with heuristic blocks, or its autotuned version. ``grid(meta) -> tuple``."""
+    """Launch ``kernel`` with heuristic blocks, or its autotuned version. ``grid(meta) -> tuple``.
+
+    Compiled launches that exceed the GPU's shared memory (smaller GPUs than the A100/H100 the
+    heuristics target) retry with smaller configs; the kernels only write their outputs, so a
+    failed attempt leaves nothing to undo.
+    """
     if _autotune_enabled():
         _tuned(name)[grid](**kwargs)
         return
     cfg = block_config("fwd" if name.startswith("fwd") else "bwd", d, dtype)
-    kernel[grid(cfg)](**kwargs, **cfg)
+    while True:
+        try:
+            kernel[grid(cfg)](**kwargs, **cfg)
+            return
+        except OutOfResources:
+            cfg = _smaller(cfg)
+            if cfg is None:
+                raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,18 +219,22 @@ def _tl_dtype(dtype: torch.dtype):
 
 
 def _precisions(dtype: torch.dtype) -> dict:
-    """``ACC_DTYPE``, ``DOT_PREC``, ``GRAD_DTYPE``, ``GRAD_PREC`` for inputs of ``dtype``."""
+    """``ACC_DTYPE``, ``DOT_PREC``, ``MIX_PREC``, ``GRAD_DTYPE``, ``GRAD_PREC`` for inputs of ``dtype``."""
     on_rocm = torch.version.hip is not None
     allow_tf32 = torch.backends.cuda.matmul.allow_tf32 and not on_rocm
     dot_prec = "tf32" if allow_tf32 else "ieee"
+    # fp32 operands that must stay fp32-accurate (16-bit inputs): 3 tf32 passes on tensor cores
+    fp32_exact = "ieee" if on_rocm else "tf32x3"
     if dtype == torch.float64:
-        return dict(ACC_DTYPE=tl.float64, DOT_PREC="ieee", GRAD_DTYPE=tl.float64, GRAD_PREC="ieee")
+        return dict(ACC_DTYPE=tl.float64, DOT_PREC="ieee", MIX_PREC="ieee", GRAD_DTYPE=tl.float64, GRAD_PREC="ieee")
     if dtype == torch.bfloat16:
-        return dict(ACC_DTYPE=tl.float32, DOT_PREC=dot_prec, GRAD_DTYPE=tl.bfloat16, GRAD_PREC=dot_prec)
+        return dict(ACC_DTYPE=tl.float32, DOT_PREC=dot_prec, MIX_PREC=fp32_exact, GRAD_DTYPE=tl.bfloat16,
+                    GRAD_PREC=dot_prec)
     if dtype == torch.float16:
-        return dict(ACC_DTYPE=tl.float32, DOT_PREC=dot_prec, GRAD_DTYPE=tl.float32,
-                    GRAD_PREC="ieee" if on_rocm else "tf32x3")
-    return dict(ACC_DTYPE=tl.float32, DOT_PREC=dot_prec, GRAD_DTYPE=tl.float32, GRAD_PREC=dot_prec)
+        return dict(ACC_DTYPE=tl.float32, DOT_PREC=dot_prec, MIX_PREC=fp32_exact, GRAD_DTYPE=tl.float32,
+                    GRAD_PREC=fp32_exact)
+    return dict(ACC_DTYPE=tl.float32, DOT_PREC=dot_prec, MIX_PREC=dot_prec, GRAD_DTYPE=tl.float32,
+                GRAD_PREC=dot_prec)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,7 +298,7 @@ def _forward_impl(anchors, positives, negatives, mix3, mix4, tau, labels, hard_n
     _launch("fwd_row", _k._fwd_row_kernel, lambda m: (_cdiv(n, m["BLOCK_M"]),), d, anchors.dtype,
             **ptrs, labels_ptr=labels, lse_ptr=lse, tgt_ptr=tgt, N=n, P=n_pos, K=k, D=d,
             HAS_NEG=has_neg, ANCHOR_NEG=anchor_negatives, HAS_MIX=has_mix,
-            ACC_DTYPE=prec["ACC_DTYPE"], DOT_PREC=prec["DOT_PREC"])
+            ACC_DTYPE=prec["ACC_DTYPE"], DOT_PREC=prec["DOT_PREC"], MIX_PREC=prec["MIX_PREC"])
     loss = lse - tgt
     if symmetric:
         clse = torch.empty(n_pos, device=anchors.device, dtype=cdt)

@@ -13,6 +13,15 @@
 #include <mma.h>
 #endif
 
+// WMMA tiles need sm_80+ (bf16); the host emulation (csrc/emulation/emu.h) defines it to 1.
+#ifndef SIMCSE_HAS_WMMA
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define SIMCSE_HAS_WMMA 1
+#else
+#define SIMCSE_HAS_WMMA 0
+#endif
+#endif
+
 #include <type_traits>
 
 #include "common.cuh"
@@ -81,7 +90,7 @@ struct UseWmma {
 template <typename TR, typename TC>
 __device__ void dot_tile(const TR* __restrict__ x, int64_t xs, int64_t n_x, int64_t i0, const TC* __restrict__ y,
                          int64_t ys, int64_t n_y, int64_t j0, int64_t dim, float* s, float* scratch) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if SIMCSE_HAS_WMMA
   if constexpr (UseWmma<TR, TC>::value) {
     using namespace nvcuda;
     const int warp = threadIdx.x / kWarp;

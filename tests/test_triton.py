@@ -18,7 +18,8 @@ from simcse_kernels.options import InfoNCEOptions
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() or INTERPRET),
-    reason="the Triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 to run its kernels in the CPU interpreter",
+    reason="the Triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 to run its kernels in the CPU "
+    "interpreter",
 )
 triton_loss = pytest.importorskip("simcse_kernels.ops.triton_loss", reason="triton is not installed")
 
@@ -26,7 +27,8 @@ triton_loss = pytest.importorskip("simcse_kernels.ops.triton_loss", reason="trit
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
 skip_bf16_interpreted = pytest.mark.skipif(
     DEVICE == "cpu", reason="the Triton interpreter computes tl.dot wrongly for bf16 (numpy has no bf16)")
-needs_compiled_cuda = pytest.mark.skipif(INTERPRET, reason="large shapes need compiled kernels, not the interpreter")
+needs_compiled_cuda = pytest.mark.skipif(
+    INTERPRET, reason="large shapes need compiled kernels, not the interpreter")
 
 OPTION_SETS = {
     "unsup": dict(),
@@ -38,7 +40,8 @@ OPTION_SETS = {
     "mixcse_sup": dict(k="n", mix_lambda=0.35, hard_negative_weight=0.4),
     "sym_hard_neg": dict(k="n", symmetric=True, hard_negative_weight=-0.3),
     "sym_anchor_mix": dict(symmetric=True, anchor_negatives=True, mix_lambda=0.6),
-    "everything": dict(k="n", symmetric=True, anchor_negatives=True, mix_lambda=0.5, hard_negative_weight=1.0),
+    "everything": dict(k="n", symmetric=True, anchor_negatives=True, mix_lambda=0.5,
+                       hard_negative_weight=1.0),
     "sum": dict(reduction="sum"),
     "none": dict(k="n", reduction="none", anchor_negatives=True),
 }
@@ -58,7 +61,8 @@ def _tau(value, dtype):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Interpreter blocks of 16: every masked/diagonal entry lands on some tile edge."""
-    monkeypatch.setattr(triton_loss, "INTERPRET_BLOCKS", dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, BLOCK_DO=32))
+    monkeypatch.setattr(triton_loss, "INTERPRET_BLOCKS",
+                        dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, BLOCK_DO=32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +207,8 @@ def test_opcheck_custom_ops():
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     loss, lse, clse = torch.ops.simcse_kernels.triton_info_nce_fwd(*args)
     a, p, neg, mix3, mix4, tau, labels, w, anchor_neg, sym = args
-    bwd_args = (torch.ones_like(loss), a, p, neg, mix3, mix4, tau, labels, lse, clse, w, anchor_neg, sym, True)
+    bwd_args = (torch.ones_like(loss), a, p, neg, mix3, mix4, tau, labels, lse, clse, w, anchor_neg, sym,
+                True)
     torch.library.opcheck(torch.ops.simcse_kernels.triton_info_nce_bwd.default, bwd_args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
@@ -251,8 +256,8 @@ def test_torch_compile_fullgraph_no_graph_break():
         results.append([loss.detach()] + [leaf.grad for leaf in leaves])
     for got, want in zip(*results):
         torch.testing.assert_close(got, want)
-    exp_loss = info_nce_reference(a.double(), p.double(), neg.double(), hard_negative_weight=0.2, symmetric=True,
-                                  mix_lambda=0.3)
+    exp_loss = info_nce_reference(a.double(), p.double(), neg.double(), hard_negative_weight=0.2,
+                                  symmetric=True, mix_lambda=0.3)
     torch.testing.assert_close(results[0][0].double(), exp_loss, **LOSS_TOL[torch.float32])
 
 
@@ -288,8 +293,8 @@ class Compile:  # stands in for kernel[grid]: compiles the launch instead of run
                     signature[name] = "*" + names[value.dtype]
                 else:
                     signature[name] = "i32"
-            kernel = triton.compile(ASTSource(self.fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
-                                    options=options)
+            kernel = triton.compile(ASTSource(self.fn, signature, constexprs),
+                                    target=GPUTarget("cuda", arch, 32), options=options)
             assert kernel.asm["cubin"]
             compiled.append(self.fn.__name__)
         return launch
@@ -351,8 +356,8 @@ def test_cuda_large_parity(dtype, option_set):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
 def test_cuda_dtypes_odd_shapes(dtype):
     a, p, neg = make_inputs(1000, 100, 1000, dtype=dtype, seed=32, device="cuda")
-    assert_backend_matches_reference("triton", a, p, neg, tau=_tau(0.05, dtype).cuda(), hard_negative_weight=0.5,
-                                     symmetric=True, mix_lambda=0.3)
+    assert_backend_matches_reference("triton", a, p, neg, tau=_tau(0.05, dtype).cuda(),
+                                     hard_negative_weight=0.5, symmetric=True, mix_lambda=0.3)
 
 
 @pytest.mark.cuda
@@ -362,7 +367,8 @@ def test_cuda_huge_batch_bounded_memory():
     n, d = 262144, 384
     gen = torch.Generator(device="cuda").manual_seed(0)
     a = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_(True)
-    p = (a.detach() + torch.randn(n, d, device="cuda", dtype=torch.bfloat16, generator=gen)).requires_grad_(True)
+    noise = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    p = (a.detach() + noise).requires_grad_(True)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

@@ -199,7 +199,8 @@ def _fwd_row_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_ptr, r
                                      labels, inv_tau, w, N, D, 0, True, False,
                                      ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_NEG:
-        m_i, l_i, t_i = _row_lse_segment(m_i, l_i, t_i, a_ptr, ra_ptr, offs_m, mask_m, neg_ptr, rneg_ptr, K, P,
+        m_i, l_i, t_i = _row_lse_segment(m_i, l_i, t_i, a_ptr, ra_ptr, offs_m, mask_m,
+                                         neg_ptr, rneg_ptr, K, P,
                                          labels, inv_tau, w, N, D, 1, True, False,
                                          ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     if ANCHOR_NEG:
@@ -207,10 +208,12 @@ def _fwd_row_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_ptr, r
                                          labels, inv_tau, w, N, D, 2, False, False,
                                          ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_MIX:
-        m_i, l_i, t_i = _row_lse_segment(m_i, l_i, t_i, a_ptr, ra_ptr, offs_m, mask_m, mix3_ptr, rmix3_ptr, N, 0,
+        m_i, l_i, t_i = _row_lse_segment(m_i, l_i, t_i, a_ptr, ra_ptr, offs_m, mask_m,
+                                         mix3_ptr, rmix3_ptr, N, 0,
                                          labels, inv_tau, w, N, D, 3, False, True,
                                          ACC_DTYPE, MIX_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-        m_i, l_i, t_i = _row_lse_segment(m_i, l_i, t_i, mix4_ptr, rmix4_ptr, offs_m, mask_m, p_ptr, rp_ptr, N, 0,
+        m_i, l_i, t_i = _row_lse_segment(m_i, l_i, t_i, mix4_ptr, rmix4_ptr, offs_m, mask_m,
+                                         p_ptr, rp_ptr, N, 0,
                                          labels, inv_tau, w, N, D, 4, False, True,
                                          ACC_DTYPE, MIX_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     tl.store(lse_ptr + offs_m, m_i + tl.log(l_i), mask=mask_m)

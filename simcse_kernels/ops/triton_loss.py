@@ -39,9 +39,10 @@ On CUDA, heuristics by dtype and D (:func:`block_config`), or a small ``triton.a
 keyed on D and the block flags when ``SIMCSE_TRITON_AUTOTUNE=1``:
 
 * 16-bit: forward 128 x 64 x 64 (8 warps, 3 stages); backward 64 x 64 x 64 and
-  ``BLOCK_DO = min(128, next_pow2(D))`` (8 warps, 2 stages; 256 spilled registers and needed
-  160 KiB of shared memory with fp32 operands in ptxas for sm_90).
-* fp32: forward 64 x 64 x 32; backward 64 x 32 x 32, ``BLOCK_DO = min(128, next_pow2(D))``.
+  ``BLOCK_DO = min(128, next_pow2(D))`` (8 warps, 2 stages; ``BLOCK_DO = 256`` spilled
+  registers and needed 160 KiB of shared memory with fp32 operands when compiled for sm_90).
+* fp32: forward 64 x 64 x 32; backward 64 x 32 x 32, ``BLOCK_DO = min(128, next_pow2(D))``
+  (4 warps; with "ieee" these dots run on CUDA cores, not tensor cores).
 * fp64: 32 x 32 x 16, ``BLOCK_DO = min(64, next_pow2(D))``.
 
 Dot precision: the cosine dots of 16-bit inputs are exact products with fp32 accumulation;
@@ -134,7 +135,8 @@ def block_config(kind: str, d: int, dtype: torch.dtype) -> dict:
         if kind == "fwd":
             cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
         else:
-            cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, BLOCK_DO=min(128, d_pow2), num_warps=4, num_stages=2)
+            cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, BLOCK_DO=min(128, d_pow2), num_warps=4,
+                       num_stages=2)
     else:
         if kind == "fwd":
             cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64 if d >= 64 else 32, num_warps=8, num_stages=3)
@@ -226,7 +228,8 @@ def _precisions(dtype: torch.dtype) -> dict:
     # fp32 operands that must stay fp32-accurate (16-bit inputs): 3 tf32 passes on tensor cores
     fp32_exact = "ieee" if on_rocm else "tf32x3"
     if dtype == torch.float64:
-        return dict(ACC_DTYPE=tl.float64, DOT_PREC="ieee", MIX_PREC="ieee", GRAD_DTYPE=tl.float64, GRAD_PREC="ieee")
+        return dict(ACC_DTYPE=tl.float64, DOT_PREC="ieee", MIX_PREC="ieee", GRAD_DTYPE=tl.float64,
+                    GRAD_PREC="ieee")
     if dtype == torch.bfloat16:
         return dict(ACC_DTYPE=tl.float32, DOT_PREC=dot_prec, MIX_PREC=fp32_exact, GRAD_DTYPE=tl.bfloat16,
                     GRAD_PREC=dot_prec)
@@ -255,7 +258,8 @@ def _inv_norms(x: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _norm_backward(x: torch.Tensor, r: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor | None) -> torch.Tensor:
+def _norm_backward(x: torch.Tensor, r: torch.Tensor, g1: torch.Tensor,
+                   g2: torch.Tensor | None) -> torch.Tensor:
     """``∂L/∂x`` (input dtype) from ``∂L/∂x̂ = g1 (+ g2)`` (compute dtype), all (R, D)."""
     rows, d = x.shape
     out = torch.empty_like(x)
@@ -290,7 +294,8 @@ def _forward_impl(anchors, positives, negatives, mix3, mix4, tau, labels, hard_n
                   anchor_negatives, symmetric):
     n, d = anchors.shape
     n_pos = positives.shape[0]
-    cdt, ptrs, has_neg, has_mix = _prepare(anchors, positives, negatives, mix3, mix4, tau, hard_negative_weight)
+    cdt, ptrs, has_neg, has_mix = _prepare(anchors, positives, negatives, mix3, mix4, tau,
+                                           hard_negative_weight)
     k = negatives.shape[0] if has_neg else 0
     prec = _precisions(anchors.dtype)
     lse = torch.empty(n, device=anchors.device, dtype=cdt)
@@ -316,7 +321,8 @@ def _backward_impl(grad_rows, anchors, positives, negatives, mix3, mix4, tau, la
                    hard_negative_weight, anchor_negatives, symmetric, need_dtau):
     n, d = anchors.shape
     n_pos = positives.shape[0]
-    cdt, ptrs, has_neg, has_mix = _prepare(anchors, positives, negatives, mix3, mix4, tau, hard_negative_weight)
+    cdt, ptrs, has_neg, has_mix = _prepare(anchors, positives, negatives, mix3, mix4, tau,
+                                           hard_negative_weight)
     k = negatives.shape[0] if has_neg else 0
     prec = _precisions(anchors.dtype)
     dev = anchors.device
@@ -385,7 +391,8 @@ def triton_info_nce_fwd(
 
 
 @triton_info_nce_fwd.register_fake
-def _(anchors, positives, negatives, mix3, mix4, tau, labels, hard_negative_weight, anchor_negatives, symmetric):
+def _(anchors, positives, negatives, mix3, mix4, tau, labels, hard_negative_weight, anchor_negatives,
+      symmetric):
     cdt = compute_dtype_for(anchors.dtype)
     n = anchors.shape[0]
     loss = anchors.new_empty((n,), dtype=cdt)

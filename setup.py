@@ -25,7 +25,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pybind11.setup_helpers import Pybind11Extension
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
@@ -175,6 +174,8 @@ def extensions() -> list:
             raise RuntimeError("SIMCSE_KERNELS_BUILD_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
         print(f"note: nvcc not found; {EXT_NAME} is not built (pure-Python install)", file=sys.stderr)
         return []
+    from pybind11.setup_helpers import Pybind11Extension  # a build requirement (pyproject.toml)
+
     ext = Pybind11Extension(EXT_NAME, ["csrc/api.cpp"], include_dirs=["csrc"], cxx_std=17)
     ext.nvcc = nvcc
     return [ext]

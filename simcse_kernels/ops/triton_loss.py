@@ -220,13 +220,17 @@ def _tl_dtype(dtype: torch.dtype):
             torch.bfloat16: tl.bfloat16}[dtype]
 
 
-def _precisions(dtype: torch.dtype) -> dict:
-    """``ACC_DTYPE``, ``DOT_PREC``, ``MIX_PREC``, ``GRAD_DTYPE``, ``GRAD_PREC`` for inputs of ``dtype``."""
-    on_rocm = torch.version.hip is not None
-    allow_tf32 = torch.backends.cuda.matmul.allow_tf32 and not on_rocm
+def _precisions(dtype: torch.dtype, device: torch.device) -> dict:
+    """``ACC_DTYPE``, ``DOT_PREC``, ``MIX_PREC``, ``GRAD_DTYPE``, ``GRAD_PREC`` for inputs of ``dtype``.
+
+    tf32 needs NVIDIA sm_80+; ROCm and older GPUs get "ieee" everywhere.
+    """
+    no_tf32 = torch.version.hip is not None or (
+        device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8)
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32 and not no_tf32
     dot_prec = "tf32" if allow_tf32 else "ieee"
     # fp32 operands that must stay fp32-accurate (16-bit inputs): 3 tf32 passes on tensor cores
-    fp32_exact = "ieee" if on_rocm else "tf32x3"
+    fp32_exact = "ieee" if no_tf32 else "tf32x3"
     if dtype == torch.float64:
         return dict(ACC_DTYPE=tl.float64, DOT_PREC="ieee", MIX_PREC="ieee", GRAD_DTYPE=tl.float64,
                     GRAD_PREC="ieee")
@@ -297,7 +301,7 @@ def _forward_impl(anchors, positives, negatives, mix3, mix4, tau, labels, hard_n
     cdt, ptrs, has_neg, has_mix = _prepare(anchors, positives, negatives, mix3, mix4, tau,
                                            hard_negative_weight)
     k = negatives.shape[0] if has_neg else 0
-    prec = _precisions(anchors.dtype)
+    prec = _precisions(anchors.dtype, anchors.device)
     lse = torch.empty(n, device=anchors.device, dtype=cdt)
     tgt = torch.empty(n, device=anchors.device, dtype=cdt)
     _launch("fwd_row", _k._fwd_row_kernel, lambda m: (_cdiv(n, m["BLOCK_M"]),), d, anchors.dtype,
@@ -324,7 +328,7 @@ def _backward_impl(grad_rows, anchors, positives, negatives, mix3, mix4, tau, la
     cdt, ptrs, has_neg, has_mix = _prepare(anchors, positives, negatives, mix3, mix4, tau,
                                            hard_negative_weight)
     k = negatives.shape[0] if has_neg else 0
-    prec = _precisions(anchors.dtype)
+    prec = _precisions(anchors.dtype, anchors.device)
     dev = anchors.device
     g = grad_rows.to(cdt).contiguous()
     if symmetric:

@@ -172,6 +172,27 @@ def test_gradients_are_deterministic():
         assert torch.equal(g0, g1)
 
 
+@pytest.mark.parametrize("which", [0, 1, 2, 3])
+def test_only_some_inputs_require_grad(which):
+    """Gradients not asked for are skipped (no kernel); the asked-for one equals the full backward's."""
+    a, p, neg = make_inputs(20, 48, 20, seed=15, device=DEVICE)
+    tau = _tau(0.05, a.dtype).to(DEVICE)
+    opts = dict(hard_negative_weight=0.3, anchor_negatives=True, symmetric=True, mix_lambda=0.4, backend="triton")
+
+    def grads(mask):
+        leaves = [t.clone().requires_grad_(m) for t, m in zip((a, p, neg, tau), mask)]
+        fused_info_nce(*leaves[:3], temperature=leaves[3], **opts).backward()
+        return [leaf.grad for leaf in leaves]
+
+    full = grads([True] * 4)
+    part = grads([i == which for i in range(4)])
+    for i, g in enumerate(part):
+        if i == which:
+            assert torch.equal(g, full[i])
+        else:
+            assert g is None
+
+
 # ---------------------------------------------------------------------------------------------
 # availability, custom ops, fake tensors, torch.compile
 
@@ -208,7 +229,7 @@ def test_opcheck_custom_ops():
     loss, lse, clse = torch.ops.simcse_kernels.triton_info_nce_fwd(*args)
     a, p, neg, mix3, mix4, tau, labels, w, anchor_neg, sym = args
     bwd_args = (torch.ones_like(loss), a, p, neg, mix3, mix4, tau, labels, lse, clse, w, anchor_neg, sym,
-                True)
+                True, True, True, True)
     torch.library.opcheck(torch.ops.simcse_kernels.triton_info_nce_bwd.default, bwd_args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
@@ -226,7 +247,8 @@ def test_fake_tensor_shapes(symmetric, with_neg):
         loss, lse, clse = torch.ops.simcse_kernels.triton_info_nce_fwd(
             a, p, neg, None, None, torch.empty(()), labels, 0.0, False, symmetric)
         grads = torch.ops.simcse_kernels.triton_info_nce_bwd(
-            loss, a, p, neg, None, None, torch.empty(()), labels, lse, clse, 0.0, False, symmetric, True)
+            loss, a, p, neg, None, None, torch.empty(()), labels, lse, clse, 0.0, False, symmetric,
+            True, True, True, True)
         per_row = triton_loss.triton_info_nce(a, p, neg, labels, InfoNCEOptions(reduction="none",
                                                                                 symmetric=symmetric))
     assert loss.shape == (5,) and loss.dtype == torch.float32

@@ -322,7 +322,8 @@ def _forward_impl(anchors, positives, negatives, mix3, mix4, tau, labels, hard_n
 
 
 def _backward_impl(grad_rows, anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse,
-                   hard_negative_weight, anchor_negatives, symmetric, need_dtau):
+                   hard_negative_weight, anchor_negatives, symmetric, need_anchors, need_positives,
+                   need_negatives, need_dtau):
     n, d = anchors.shape
     n_pos = positives.shape[0]
     cdt, ptrs, has_neg, has_mix = _prepare(anchors, positives, negatives, mix3, mix4, tau,
@@ -337,13 +338,20 @@ def _backward_impl(grad_rows, anchors, positives, negatives, mix3, mix4, tau, la
         cw = clse = lse  # unused (SYMMETRIC=False)
     common = dict(tau_ptr=ptrs["tau_ptr"], w_ptr=ptrs["w_ptr"], labels_ptr=labels, lse_ptr=lse, g_ptr=g,
                   cw_ptr=cw, clse_ptr=clse, **prec)
-    da_rows = torch.empty(n, d, device=dev, dtype=cdt)
-    dtau_rows = torch.empty(n, device=dev, dtype=cdt)
-    _launch("bwd_row", _k._bwd_row_kernel, lambda m: (_cdiv(n, m["BLOCK_M"]), _cdiv(d, m["BLOCK_DO"])),
-            d, anchors.dtype, **ptrs, **{k_: v for k_, v in common.items() if k_ not in ("tau_ptr", "w_ptr")},
-            da_ptr=da_rows, dtau_ptr=dtau_rows, N=n, P=n_pos, K=k, D=d,
-            HAS_NEG=has_neg, ANCHOR_NEG=anchor_negatives, HAS_MIX=has_mix, SYMMETRIC=symmetric,
-            NEED_DTAU=need_dtau)
+    # skipped grads: distinct empty tensors (custom-op outputs may not alias each other)
+    d_anc, d_pos, d_neg = (anchors.new_empty((0, d)) for _ in range(3))
+    d_tau = torch.zeros((), device=dev, dtype=cdt)
+    if not (need_anchors or need_dtau):
+        da_rows = dtau_rows = None
+    else:
+        da_rows = torch.empty(n, d, device=dev, dtype=cdt)
+        dtau_rows = torch.empty(n, device=dev, dtype=cdt)
+        _launch("bwd_row", _k._bwd_row_kernel, lambda m: (_cdiv(n, m["BLOCK_M"]), _cdiv(d, m["BLOCK_DO"])),
+                d, anchors.dtype, **ptrs,
+                **{k_: v for k_, v in common.items() if k_ not in ("tau_ptr", "w_ptr")},
+                da_ptr=da_rows, dtau_ptr=dtau_rows, N=n, P=n_pos, K=k, D=d,
+                HAS_NEG=has_neg, ANCHOR_NEG=anchor_negatives, HAS_MIX=has_mix, SYMMETRIC=symmetric,
+                NEED_DTAU=need_dtau)
 
     def column_grads(c, rc, n_cols, col_offset, pattern, target, with_mix4):
         out = torch.empty(n_cols, d, device=dev, dtype=cdt)
@@ -355,16 +363,18 @@ def _backward_impl(grad_rows, anchors, positives, negatives, mix3, mix4, tau, la
                 SYM_COLS=symmetric and pattern == 0, WITH_MIX4=with_mix4)
         return out
 
-    dp_hat = column_grads(positives, ptrs["rp_ptr"], n_pos, 0, 0, True, has_mix)
-    d_pos = _norm_backward(positives, ptrs["rp_ptr"], dp_hat, None)
-    d_neg = anchors.new_empty((0, d))
-    if has_neg:
+    if need_positives:
+        dp_hat = column_grads(positives, ptrs["rp_ptr"], n_pos, 0, 0, True, has_mix)
+        d_pos = _norm_backward(positives, ptrs["rp_ptr"], dp_hat, None)
+    if has_neg and need_negatives:
         dn_hat = column_grads(negatives, ptrs["rneg_ptr"], k, n_pos, 1, True, False)
         d_neg = _norm_backward(negatives, ptrs["rneg_ptr"], dn_hat, None)
-    da_cols = column_grads(anchors, ptrs["ra_ptr"], n, 0, 2, False, False) if anchor_negatives else None
-    d_anc = _norm_backward(anchors, ptrs["ra_ptr"], da_rows, da_cols)
-    tau_c = tau.detach().to(device=dev, dtype=cdt).reshape(())
-    d_tau = -dtau_rows.sum() / (tau_c * tau_c) if need_dtau else torch.zeros((), device=dev, dtype=cdt)
+    if need_anchors:
+        da_cols = column_grads(anchors, ptrs["ra_ptr"], n, 0, 2, False, False) if anchor_negatives else None
+        d_anc = _norm_backward(anchors, ptrs["ra_ptr"], da_rows, da_cols)
+    if need_dtau:
+        tau_c = tau.detach().to(device=dev, dtype=cdt).reshape(())
+        d_tau = -dtau_rows.sum() / (tau_c * tau_c)
     return d_anc, d_pos, d_neg, d_tau
 
 
@@ -420,24 +430,33 @@ def triton_info_nce_bwd(
     hard_negative_weight: float,
     anchor_negatives: bool,
     symmetric: bool,
+    need_anchors: bool,
+    need_positives: bool,
+    need_negatives: bool,
     need_dtau: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(∂anchors, ∂positives, ∂negatives, ∂tau)`` from ``grad_rows`` = ∂L/∂ℓ (N,).
 
-    Feature grads come in the input dtype (``∂negatives`` is (0, D) when there are none);
-    ``∂tau`` is 0-dim in the compute dtype (zero unless ``need_dtau``). Other args as the forward,
-    plus its saved ``lse`` (N,) and ``clse`` (P,) or (0,).
+    Feature grads come in the input dtype; one whose ``need_*`` flag is False (or the negatives'
+    when there are none) is an empty (0, D) tensor and costs no kernel. ``∂tau`` is 0-dim in the
+    compute dtype (zero unless ``need_dtau``). Other args as the forward, plus its saved ``lse``
+    (N,) and ``clse`` (P,) or (0,).
     """
     return _backward_impl(grad_rows, anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse,
-                          hard_negative_weight, anchor_negatives, symmetric, need_dtau)
+                          hard_negative_weight, anchor_negatives, symmetric, need_anchors, need_positives,
+                          need_negatives, need_dtau)
 
 
 @triton_info_nce_bwd.register_fake
 def _(grad_rows, anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse, hard_negative_weight,
-      anchor_negatives, symmetric, need_dtau):
+      anchor_negatives, symmetric, need_anchors, need_positives, need_negatives, need_dtau):
     cdt = compute_dtype_for(anchors.dtype)
-    d_neg = torch.empty_like(negatives) if negatives is not None else anchors.new_empty((0, anchors.shape[1]))
-    return torch.empty_like(anchors), torch.empty_like(positives), d_neg, anchors.new_empty((), dtype=cdt)
+    d = anchors.shape[1]
+    d_anc = torch.empty_like(anchors) if need_anchors else anchors.new_empty((0, d))
+    d_pos = torch.empty_like(positives) if need_positives else anchors.new_empty((0, d))
+    has_neg = negatives is not None and need_negatives
+    d_neg = torch.empty_like(negatives) if has_neg else anchors.new_empty((0, d))
+    return d_anc, d_pos, d_neg, anchors.new_empty((), dtype=cdt)
 
 
 class TritonInfoNCEFunction(torch.autograd.Function):
@@ -460,12 +479,13 @@ class TritonInfoNCEFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse = ctx.saved_tensors
         w, anchor_negatives, symmetric = ctx.options
-        need_dtau = ctx.needs_input_grad[5]
+        need = ctx.needs_input_grad
+        need_neg = need[2] and negatives is not None
         d_anc, d_pos, d_neg, d_tau = torch.ops.simcse_kernels.triton_info_nce_bwd(
             grad_loss.contiguous(), anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse,
-            w, anchor_negatives, symmetric, need_dtau)
-        return (d_anc, d_pos, d_neg if negatives is not None else None, None, None,
-                d_tau if need_dtau else None, None, None, None, None)
+            w, anchor_negatives, symmetric, need[0], need[1], need_neg, need[5])
+        return (d_anc if need[0] else None, d_pos if need[1] else None, d_neg if need_neg else None,
+                None, None, d_tau if need[5] else None, None, None, None, None)
 
 
 def triton_info_nce(anchors, positives, negatives, labels, options):

@@ -177,7 +177,8 @@ def test_only_some_inputs_require_grad(which):
     """Gradients not asked for are skipped (no kernel); the asked-for one equals the full backward's."""
     a, p, neg = make_inputs(20, 48, 20, seed=15, device=DEVICE)
     tau = _tau(0.05, a.dtype).to(DEVICE)
-    opts = dict(hard_negative_weight=0.3, anchor_negatives=True, symmetric=True, mix_lambda=0.4, backend="triton")
+    opts = dict(hard_negative_weight=0.3, anchor_negatives=True, symmetric=True, mix_lambda=0.4,
+                backend="triton")
 
     def grads(mask):
         leaves = [t.clone().requires_grad_(m) for t, m in zip((a, p, neg, tau), mask)]
@@ -189,6 +190,40 @@ def test_only_some_inputs_require_grad(which):
     for i, g in enumerate(part):
         if i == which:
             assert torch.equal(g, full[i])
+        else:
+            assert g is None
+
+
+@pytest.mark.parametrize("option_set,n,d", [
+    ("everything", 7, 100), ("everything", 129, 100), ("hard_neg", 129, 100), ("sym_anchor_mix", 40, 100),
+    ("none", 33, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_parity_atomic_backward(option_set, n, d, dtype, monkeypatch):
+    """The alternative one-kernel-per-tile backward with atomics (``SIMCSE_TRITON_BWD=atomic``)."""
+    monkeypatch.setenv("SIMCSE_TRITON_BWD", "atomic")
+    k, opts = _split(option_set, n)
+    a, p, neg = make_inputs(n, d, k, dtype=dtype, seed=n + 5, device=DEVICE)
+    assert_backend_matches_reference("triton", a, p, neg, tau=_tau(0.05, dtype), **opts)
+
+
+@pytest.mark.parametrize("which", [0, 1, 2, 3])
+def test_atomic_backward_only_some_inputs_require_grad(which, monkeypatch):
+    a, p, neg = make_inputs(20, 48, 20, seed=16, device=DEVICE)
+    tau = _tau(0.05, a.dtype).to(DEVICE)
+    opts = dict(hard_negative_weight=0.3, anchor_negatives=True, symmetric=True, mix_lambda=0.4,
+                backend="triton")
+
+    def grads(mask):
+        leaves = [t.clone().requires_grad_(m) for t, m in zip((a, p, neg, tau), mask)]
+        fused_info_nce(*leaves[:3], temperature=leaves[3], **opts).backward()
+        return [leaf.grad for leaf in leaves]
+
+    full = grads([True] * 4)
+    monkeypatch.setenv("SIMCSE_TRITON_BWD", "atomic")
+    part = grads([i == which for i in range(4)])
+    for i, g in enumerate(part):
+        if i == which:
+            torch.testing.assert_close(g, full[i], rtol=1e-5, atol=1e-7)
         else:
             assert g is None
 
@@ -322,7 +357,7 @@ class Compile:  # stands in for kernel[grid]: compiles the launch instead of run
         return launch
 
 for name in ("_inv_norm_kernel", "_fwd_row_kernel", "_fwd_col_kernel", "_bwd_row_kernel", "_bwd_col_kernel",
-             "_norm_bwd_kernel"):
+             "_norm_bwd_kernel", "_bwd_tile_atomic_kernel"):
     setattr(triton_loss._k, name, Compile(getattr(triton_loss._k, name)))
 n, d = 8, 96
 g = torch.Generator().manual_seed(0)
@@ -336,8 +371,9 @@ print(json.dumps(sorted(set(compiled))))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch,dtype", [(90, "bfloat16"), (80, "float16")])
-def test_kernels_compile_for_cuda_targets(arch, dtype, tmp_path):
+@pytest.mark.parametrize("arch,dtype,bwd", [(90, "bfloat16", "two_kernel"), (80, "float16", "two_kernel"),
+                                            (90, "bfloat16", "atomic")])
+def test_kernels_compile_for_cuda_targets(arch, dtype, bwd, tmp_path):
     """Every kernel launch of the "everything" options lowers to a cubin (no GPU needed).
 
     Runs in a subprocess without ``TRITON_INTERPRET`` (the interpreter replaces the kernels at import).
@@ -351,12 +387,14 @@ def test_kernels_compile_for_cuda_targets(arch, dtype, tmp_path):
     script.write_text(_COMPILE_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
+    env["SIMCSE_TRITON_BWD"] = bwd
     proc = subprocess.run([sys.executable, str(script), str(arch), dtype], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     compiled = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert compiled == sorted(["_inv_norm_kernel", "_fwd_row_kernel", "_fwd_col_kernel", "_bwd_row_kernel",
-                               "_bwd_col_kernel", "_norm_bwd_kernel"])
+    backward = ["_bwd_row_kernel", "_bwd_col_kernel"] if bwd == "two_kernel" else ["_bwd_tile_atomic_kernel"]
+    assert compiled == sorted(["_inv_norm_kernel", "_fwd_row_kernel", "_fwd_col_kernel", "_norm_bwd_kernel"]
+                              + backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,6 +409,25 @@ def test_cuda_large_parity(dtype, option_set):
     k, opts = _split(option_set, 8192)
     a, p, neg = make_inputs(8192, 768, k, dtype=dtype, seed=31, device="cuda")
     assert_backend_matches_reference("triton", a, p, neg, tau=torch.tensor(0.05, device="cuda"), **opts)
+
+
+@pytest.mark.cuda
+@needs_compiled_cuda
+def test_cuda_large_parity_atomic_backward(monkeypatch):
+    monkeypatch.setenv("SIMCSE_TRITON_BWD", "atomic")
+    k, opts = _split("everything", 8192)
+    a, p, neg = make_inputs(8192, 768, k, dtype=torch.bfloat16, seed=33, device="cuda")
+    assert_backend_matches_reference("triton", a, p, neg, tau=torch.tensor(0.05, device="cuda"), **opts)
+
+
+@pytest.mark.cuda
+@needs_compiled_cuda
+def test_cuda_default_backward_is_bitwise_deterministic():
+    a, p, neg = make_inputs(4096, 768, 4096, dtype=torch.bfloat16, seed=34, device="cuda")
+    runs = [loss_and_grads(fused_info_nce, a, p, neg, torch.tensor(0.05, device="cuda"), backend="triton",
+                           hard_negative_weight=0.3, symmetric=True)[1] for _ in range(2)]
+    for g0, g1 in zip(*runs):
+        assert torch.equal(g0, g1)
 
 
 @pytest.mark.cuda

@@ -486,3 +486,84 @@ def _norm_bwd_kernel(x_ptr, r_ptr, g1_ptr, g2_ptr, out_ptr, R, D,
             gz += tl.load(g2_ptr + base + offs_d[None, :], mask=mask, other=0.0)
         out = r[:, None] * gz - coef[:, None] * x
         tl.store(out_ptr + base + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_tile_atomic_kernel(x_ptr, rx_ptr, y_ptr, ry_ptr, tau_ptr, w_ptr, labels_ptr, lse_ptr, g_ptr,
+                            cw_ptr, clse_ptr, dx_ptr, dy_ptr, dtau_ptr, N, n_cols, D, col_offset,
+                            PATTERN: tl.constexpr, TARGET: tl.constexpr, SYMMETRIC: tl.constexpr,
+                            SYM_COLS: tl.constexpr, MIXED: tl.constexpr, ROW_GRAD: tl.constexpr,
+                            COL_GRAD: tl.constexpr, NEED_DTAU: tl.constexpr,
+                            ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                            GRAD_DTYPE: tl.constexpr, GRAD_PREC: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            BLOCK_DO: tl.constexpr):
+    """Alternative backward (``SIMCSE_TRITON_BWD=atomic``): one program per (row, column) tile.
+
+    Recomputes the tile's logits once (full-D dot), forms ``∂L/∂s`` (:func:`_dlogits`), then walks
+    D in ``BLOCK_DO`` chunks and atomically adds ``∂L/∂s · ŷ / tau`` into the rows' ``∂x̂``
+    (``ROW_GRAD``) and ``(∂L/∂s)ᵀ · x̂ / tau`` into the columns' ``∂ŷ`` (``COL_GRAD``); the row sums
+    ``Σ_j ∂L/∂s_ij cos_ij`` go atomically into ``dtau_ptr`` (``NEED_DTAU``). Logit work is the
+    minimum (one recomputation) at the price of fp32/fp64 atomics and run-to-run nondeterminism.
+
+    Args:
+        x_ptr (N, D): row features (anchors, or mix4 for the mix4 block); y_ptr (n_cols, D): the
+            block's columns; rx/ry_ptr their inverse norms. ``MIXED``: the MixCSE blocks.
+        tau_ptr, w_ptr, labels_ptr, lse_ptr, g_ptr, cw_ptr, clse_ptr: as :func:`_bwd_row_kernel`.
+        dx_ptr (N, D), dy_ptr (n_cols, D), dtau_ptr (N,): zero-initialised ``ACC_DTYPE`` outputs
+            (dx and dy may be the same buffer: the anchor-negatives block).
+        col_offset, PATTERN, TARGET, SYM_COLS: the block (see :func:`_bwd_col_kernel`).
+    Grid: ``(cdiv(N, BLOCK_M), cdiv(n_cols, BLOCK_N))``.
+    """
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_cols
+    inv_tau = 1.0 / tl.load(tau_ptr).to(ACC_DTYPE)
+    w = tl.load(w_ptr).to(ACC_DTYPE)
+    labels = tl.load(labels_ptr + offs_m, mask=mask_m, other=-1)
+    lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
+    g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
+    if SYMMETRIC:
+        rw = 0.5 * g
+    else:
+        rw = g
+    if SYM_COLS:
+        cw = tl.load(cw_ptr + offs_n, mask=mask_n, other=0.0)
+        clse = tl.load(clse_ptr + offs_n, mask=mask_n, other=0.0)
+    else:
+        cw = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+        clse = cw
+    cos = _cos_tile(x_ptr, rx_ptr, offs_m, mask_m, y_ptr, ry_ptr, offs_n, mask_n, D,
+                    ACC_DTYPE, MIXED, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    ds = _dlogits(cos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, N, col_offset,
+                  lse, rw, g, labels, cw, clse, PATTERN, TARGET, SYM_COLS)
+    if NEED_DTAU:
+        tl.atomic_add(dtau_ptr + offs_m, tl.sum(ds * cos, axis=1), mask=mask_m, sem="relaxed")
+    rx = tl.load(rx_ptr + offs_m, mask=mask_m, other=0.0)
+    ry = tl.load(ry_ptr + offs_n, mask=mask_n, other=0.0)
+    dsc = ds * (ry * inv_tau)[None, :]
+    dsr = ds * (rx * inv_tau)[:, None]
+    x_rows = offs_m.to(tl.int64)[:, None] * D
+    y_rows = offs_n.to(tl.int64)[:, None] * D
+    for d0 in range(0, D, BLOCK_DO):
+        offs_do = d0 + tl.arange(0, BLOCK_DO)
+        mask_do = offs_do < D
+        if ROW_GRAD:
+            y = tl.load(y_ptr + y_rows + offs_do[None, :], mask=mask_n[:, None] & mask_do[None, :], other=0.0)
+            if MIXED:
+                part = tl.dot(dsc, y.to(ACC_DTYPE), input_precision=DOT_PREC, out_dtype=ACC_DTYPE)
+            else:
+                part = tl.dot(dsc.to(GRAD_DTYPE), y.to(GRAD_DTYPE), input_precision=GRAD_PREC,
+                              out_dtype=ACC_DTYPE)
+            tl.atomic_add(dx_ptr + x_rows + offs_do[None, :], part, mask=mask_m[:, None] & mask_do[None, :],
+                          sem="relaxed")
+        if COL_GRAD:
+            x = tl.load(x_ptr + x_rows + offs_do[None, :], mask=mask_m[:, None] & mask_do[None, :], other=0.0)
+            if MIXED:
+                part = tl.dot(tl.trans(dsr), x.to(ACC_DTYPE), input_precision=DOT_PREC, out_dtype=ACC_DTYPE)
+            else:
+                part = tl.dot(tl.trans(dsr.to(GRAD_DTYPE)), x.to(GRAD_DTYPE), input_precision=GRAD_PREC,
+                              out_dtype=ACC_DTYPE)
+            tl.atomic_add(dy_ptr + y_rows + offs_do[None, :], part, mask=mask_n[:, None] & mask_do[None, :],
+                          sem="relaxed")

@@ -25,6 +25,11 @@ Algorithm
   accumulator, which repeats the logit recomputation once per chunk for D > BLOCK_DO.
   A last O((N+M)·D) kernel applies the normalization backward
   ``∂x = r (∂x̂ − x̂ (x̂·∂x̂))`` and writes the gradient in the input dtype.
+  ``SIMCSE_TRITON_BWD=atomic`` selects the alternative: one program per (row block, column
+  block) tile of each logit block recomputes the logits once and atomically adds both
+  gradient products, chunk by chunk of D, into zero-initialised fp32/fp64 buffers — the least
+  logit work (it wins when D is several ``BLOCK_DO`` wide, e.g. D = 768), but nondeterministic.
+  Which one is faster per shape is for the GPU benchmarks to decide.
 * ``∂L/∂tau = −(1/tau²) Σ ∂L/∂s · cos`` is reduced per row in the row kernel (exact, including
   the mix4 block when tau is learnable) and summed in torch.
 * MixCSE's mixtures ``mix3``/``mix4`` are detached (N, D) tensors built in the compute dtype
@@ -198,7 +203,7 @@ def _launch(name: str, kernel, grid, d: int, dtype: torch.dtype, **kwargs) -> No
     heuristics target) retry with smaller configs; the kernels only write their outputs, so a
     failed attempt leaves nothing to undo.
     """
-    if _autotune_enabled():
+    if _autotune_enabled() and name != "bwd_tile":  # (autotuning would re-run the atomic adds)
         _tuned(name)[grid](**kwargs)
         return
     cfg = block_config("fwd" if name.startswith("fwd") else "bwd", d, dtype)
@@ -341,6 +346,20 @@ def _backward_impl(grad_rows, anchors, positives, negatives, mix3, mix4, tau, la
     # skipped grads: distinct empty tensors (custom-op outputs may not alias each other)
     d_anc, d_pos, d_neg = (anchors.new_empty((0, d)) for _ in range(3))
     d_tau = torch.zeros((), device=dev, dtype=cdt)
+    if backward_mode() == "atomic":
+        da_hat, dp_hat, dn_hat, dtau_rows = _backward_atomic(
+            anchors, positives, negatives, ptrs, common, n, n_pos, k, d, cdt, has_neg, has_mix,
+            anchor_negatives, symmetric, need_anchors, need_positives, need_negatives and has_neg, need_dtau)
+        if need_anchors:
+            d_anc = _norm_backward(anchors, ptrs["ra_ptr"], da_hat, None)
+        if need_positives:
+            d_pos = _norm_backward(positives, ptrs["rp_ptr"], dp_hat, None)
+        if has_neg and need_negatives:
+            d_neg = _norm_backward(negatives, ptrs["rneg_ptr"], dn_hat, None)
+        if need_dtau:
+            tau_c = tau.detach().to(device=dev, dtype=cdt).reshape(())
+            d_tau = -dtau_rows.sum() / (tau_c * tau_c)
+        return d_anc, d_pos, d_neg, d_tau
     if not (need_anchors or need_dtau):
         da_rows = dtau_rows = None
     else:
@@ -376,6 +395,50 @@ def _backward_impl(grad_rows, anchors, positives, negatives, mix3, mix4, tau, la
         tau_c = tau.detach().to(device=dev, dtype=cdt).reshape(())
         d_tau = -dtau_rows.sum() / (tau_c * tau_c)
     return d_anc, d_pos, d_neg, d_tau
+
+
+def backward_mode() -> str:
+    """``"two_kernel"`` (default: deterministic) or ``"atomic"`` (``SIMCSE_TRITON_BWD=atomic``)."""
+    mode = os.environ.get("SIMCSE_TRITON_BWD", "two_kernel")
+    if mode not in ("two_kernel", "atomic"):
+        raise ValueError(f"SIMCSE_TRITON_BWD must be 'two_kernel' or 'atomic', got {mode!r}")
+    return mode
+
+
+def _backward_atomic(anchors, positives, negatives, ptrs, common, n, n_pos, k, d, cdt, has_neg, has_mix,
+                     anchor_negatives, symmetric, need_a, need_p, need_n, need_dtau):
+    """The atomic variant: one tile kernel per logit block; returns ``(∂â, ∂p̂, ∂n̂, dtau_rows)``."""
+    dev = anchors.device
+    zeros = lambda rows: torch.zeros(rows, d, device=dev, dtype=cdt)
+    da_hat = zeros(n) if need_a else None
+    dp_hat = zeros(n_pos) if need_p else None
+    dn_hat = zeros(k) if need_n else None
+    dtau_rows = torch.zeros(n, device=dev, dtype=cdt)
+    mix_prec = common["MIX_PREC"]
+    tile_args = {key: common[key] for key in ("tau_ptr", "w_ptr", "labels_ptr", "lse_ptr", "g_ptr", "cw_ptr",
+                                             "clse_ptr", "ACC_DTYPE", "GRAD_DTYPE", "GRAD_PREC")}
+    blocks = [  # x, rx, y, ry, n_cols, col_offset, pattern, target, mixed, dx, dy
+        ("a", "p", n_pos, 0, 0, True, False, da_hat, dp_hat)]
+    if has_neg:
+        blocks.append(("a", "neg", k, n_pos, 1, True, False, da_hat, dn_hat))
+    if anchor_negatives:
+        blocks.append(("a", "a", n, 0, 2, False, False, da_hat, da_hat))
+    if has_mix:
+        blocks.append(("a", "mix3", n, 0, 3, False, True, da_hat, None))
+        blocks.append(("mix4", "p", n, 0, 4, False, True, None, dp_hat))
+    for x, y, n_cols, col_offset, pattern, target, mixed, dx, dy in blocks:
+        if dx is None and dy is None and not need_dtau:
+            continue
+        _launch("bwd_tile", _k._bwd_tile_atomic_kernel,
+                lambda m, n_cols=n_cols: (_cdiv(n, m["BLOCK_M"]), _cdiv(n_cols, m["BLOCK_N"])),
+                d, anchors.dtype, x_ptr=ptrs[f"{x}_ptr"], rx_ptr=ptrs[f"r{x}_ptr"],
+                y_ptr=ptrs[f"{y}_ptr"], ry_ptr=ptrs[f"r{y}_ptr"],
+                **tile_args, DOT_PREC=mix_prec if mixed else common["DOT_PREC"],
+                dx_ptr=dtau_rows if dx is None else dx, dy_ptr=dtau_rows if dy is None else dy,
+                dtau_ptr=dtau_rows, N=n, n_cols=n_cols, D=d, col_offset=col_offset, PATTERN=pattern,
+                TARGET=target, SYMMETRIC=symmetric, SYM_COLS=symmetric and pattern == 0, MIXED=mixed,
+                ROW_GRAD=dx is not None, COL_GRAD=dy is not None, NEED_DTAU=need_dtau)
+    return da_hat, dp_hat, dn_hat, dtau_rows
 
 
 # ----------------------------------------------------------------------------------------------

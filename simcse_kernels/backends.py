@@ -33,8 +33,13 @@ def _cuda_unavailable_reason(device: torch.device) -> str | None:
     return reason(device) if reason is not None else None
 
 
+@torch.compiler.assume_constant_result
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
-    """None if ``backend`` can run on ``device``, else a sentence saying why not."""
+    """None if ``backend`` can run on ``device``, else a sentence saying why not.
+
+    Evaluated once at trace time under ``torch.compile`` (it imports modules, which dynamo
+    cannot trace), so ``fused_info_nce`` compiles with ``fullgraph=True``.
+    """
     if backend in ("naive", "torch"):
         return None
     if backend == "triton":

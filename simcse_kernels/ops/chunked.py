@@ -67,7 +67,7 @@ def _chunk(
     if block.pattern == "none":
         return cos, logits, None
     cols = torch.arange(j0, j1, device=rows.device)
-    diag = cols[cols < n]
+    diag = torch.arange(j0, max(j0, min(j1, n)), device=rows.device)  # columns j that have a row i = j
     if block.pattern == "self":
         logits[diag, diag - j0] = float("-inf")
         return cos, logits, None

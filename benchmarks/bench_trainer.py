@@ -6,7 +6,7 @@ without out-of-memory, on CPU there is no memory limit to find and the search re
     python benchmarks/bench_trainer.py --device cuda --model bert-base-uncased --batch 64 --chunk 16 \
         --max_length 32 --precision bf16 --search_max 8192
 
-Writes ``benchmarks/results/bench_trainer_<device>[_tiny].{csv,json}``.
+Writes ``<--out>/bench_trainer_<device>[_tiny].{csv,json}`` (default ``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -108,6 +108,7 @@ def main(argv=None) -> None:
     p.add_argument("--search_min", type=int, default=16)
     p.add_argument("--search_max", type=int, default=None, help="upper bound of the batch search")
     p.add_argument("--no_search", action="store_true")
+    p.add_argument("--out", type=Path, default=RESULTS, help="directory for the CSV/JSON (default benchmarks/results)")
     args = p.parse_args(argv)
     batch = args.batch or (32 if args.tiny else 64)
     chunk = args.chunk or max(1, batch // 4)
@@ -133,16 +134,17 @@ def main(argv=None) -> None:
             rows.append(r)
             print(json.dumps(r), flush=True)
     name = f"bench_trainer_{args.device.split(':')[0]}{'_tiny' if args.tiny else ''}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
     meta = {"model": "tiny-bert-h64-l2" if args.tiny else args.model, "device": args.device,
             "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
             "precision": args.precision, "max_length": args.max_length, "torch": torch.__version__}
-    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    with (RESULTS / f"{name}.csv").open("w", newline="") as f:
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    with (out / f"{name}.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
         w.writeheader()
         w.writerows(rows)
-    print(f"wrote {RESULTS / name}.csv/.json")
+    print(f"wrote {out / name}.csv/.json")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,9 @@ Works on any device; the math is written in :mod:`simcse_kernels.reference`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .features import NormalizedFeatures
+from .features import LogitBlock, NormalizedFeatures, logit_blocks
 
 #: logits per chunk: 2M (8 MiB fp32) on CPU; 16M (64 MiB) on GPUs, where launches cost more
 CHUNK_LOGITS = {"cpu": 1 << 21, "cuda": 1 << 24}
@@ -25,34 +23,8 @@ def default_chunk_size(n_rows: int, device_type: str = "cpu") -> int:
     return max(32, min(8192, budget // max(n_rows, 1)))
 
 
-@dataclass(frozen=True)
-class _Block:
-    """One block of columns: logits ``rows · cols^T / tau`` plus a fixed pattern of constants.
-
-    ``rows``: "anchors" or "mix4"; ``cols``: "positives", "negatives", "anchors" or "mix3".
-    ``pattern``: "none"; "hard" (+w at (i, i)); "self" (-inf at (i, i));
-    "mix3" (0 at (i, i-1), +w at (i, i)); "mix4" (0 at (i, i+1), +w at (i, i)).
-    """
-
-    rows: str
-    cols: str
-    pattern: str
-
-
-def _blocks(feats: NormalizedFeatures, anchor_negatives: bool) -> list[_Block]:
-    blocks = [_Block("anchors", "positives", "none")]
-    if feats.negatives is not None:
-        blocks.append(_Block("anchors", "negatives", "hard"))
-    if anchor_negatives:
-        blocks.append(_Block("anchors", "anchors", "self"))
-    if feats.mix3 is not None:
-        blocks.append(_Block("anchors", "mix3", "mix3"))
-        blocks.append(_Block("mix4", "positives", "mix4"))
-    return blocks
-
-
 def _chunk(
-    block: _Block,
+    block: LogitBlock,
     tensors: dict[str, torch.Tensor],
     j0: int,
     j1: int,
@@ -88,12 +60,11 @@ class ChunkedInfoNCEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives,
                 symmetric, chunk_size):
-        feats = NormalizedFeatures(anchors, positives, negatives, mix3, mix4, tau)
         tensors = {"anchors": anchors, "positives": positives, "negatives": negatives, "mix3": mix3, "mix4": mix4}
         n, n_pos = anchors.shape[0], positives.shape[0]
         lse = torch.full((n,), float("-inf"), device=anchors.device, dtype=anchors.dtype)
         col_lse = torch.empty(n_pos, device=anchors.device, dtype=anchors.dtype) if symmetric else None
-        for block in _blocks(feats, anchor_negatives):
+        for block in logit_blocks(negatives is not None, anchor_negatives, mix3 is not None):
             width = tensors[block.cols].shape[0]
             for j0 in range(0, width, chunk_size):
                 j1 = min(j0 + chunk_size, width)
@@ -117,7 +88,6 @@ class ChunkedInfoNCEFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         anchors, positives, negatives, mix3, mix4, tau, labels, lse, col_lse, target_cos = ctx.saved_tensors
         w, anchor_negatives, symmetric, chunk_size = ctx.options
-        feats = NormalizedFeatures(anchors, positives, negatives, mix3, mix4, tau)
         tensors = {"anchors": anchors, "positives": positives, "negatives": negatives, "mix3": mix3, "mix4": mix4}
         g = grad_loss.to(anchors.dtype)
         row_weight = 0.5 * g if symmetric else g
@@ -128,7 +98,7 @@ class ChunkedInfoNCEFunction(torch.autograd.Function):
         grads = {name: torch.zeros_like(t) for name, t in tensors.items() if t is not None and name in
                  ("anchors", "positives", "negatives")}
         dtau_cos = torch.zeros((), device=g.device, dtype=g.dtype)
-        for block in _blocks(feats, anchor_negatives):
+        for block in logit_blocks(negatives is not None, anchor_negatives, mix3 is not None):
             width = tensors[block.cols].shape[0]
             for j0 in range(0, width, chunk_size):
                 j1 = min(j0 + chunk_size, width)

@@ -38,7 +38,7 @@ import torch
 
 from ..options import InfoNCEOptions
 from ..reference import mixed_features, reduce_loss
-from .features import temperature_tensor
+from .features import logit_blocks, temperature_tensor
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -155,19 +155,6 @@ class _Launch:
         return n_splits(self.tensors[rows].shape[0], self.tensors[cols].shape[0], _sm_count(self.index))
 
 
-def _blocks(has_negatives: bool, anchor_negatives: bool, has_mix: bool) -> list[tuple[str, str, str]]:
-    """(rows, cols, pattern) of every logit block, in the order of the reference's row layout."""
-    blocks = [("anchors", "positives", "none")]
-    if has_negatives:
-        blocks.append(("anchors", "negatives", "hard"))
-    if anchor_negatives:
-        blocks.append(("anchors", "anchors", "self"))
-    if has_mix:
-        blocks.append(("anchors", "mix3", "mix3"))
-        blocks.append(("mix4", "positives", "mix4"))
-    return blocks
-
-
 @torch.library.custom_op("simcse_kernels::cuda_info_nce_forward", mutates_args=(), device_types="cuda")
 def cuda_info_nce_forward(
     anchors: torch.Tensor,
@@ -200,7 +187,7 @@ def cuda_info_nce_forward(
     ext, dim = launch.ext, launch.dim
     n = anchors.shape[0]
     parts = []
-    for rows, cols, pattern in _blocks(negatives is not None, anchor_negatives, mix3 is not None):
+    for rows, cols, pattern in logit_blocks(negatives is not None, anchor_negatives, mix3 is not None):
         splits = launch.splits(rows, cols)
         part = torch.empty((splits, n), device=anchors.device, dtype=torch.float32)
         ext.lse_partials(launch.op(rows), launch.op(cols), dim, tau.data_ptr(), hard_negative_weight,
@@ -269,7 +256,7 @@ def cuda_info_nce_backward(
              if t is not None}
     dtau_acc = torch.zeros((), device=anchors.device, dtype=torch.float64)
     ptr = lambda t: 0 if t is None else t.data_ptr()
-    for rows, cols, pattern in _blocks(negatives is not None, anchor_negatives, mix3 is not None):
+    for rows, cols, pattern in logit_blocks(negatives is not None, anchor_negatives, mix3 is not None):
         column_softmax = symmetric and (rows, cols) == ("anchors", "positives")
         ext.block_backward(
             launch.op(rows), launch.op(cols), dim, tau.data_ptr(), hard_negative_weight, PATTERN[pattern],

@@ -6,6 +6,7 @@ Everything here is O((N + M)·D): the fused backends never build an N x M matrix
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -69,3 +70,29 @@ def normalized_features(
         mix4=mix4,
         tau=temperature_tensor(options, anchors.device, dt),
     )
+
+
+class LogitBlock(NamedTuple):
+    """One block of a row's logits: ``rows · cols^T / tau`` plus a fixed pattern of constants.
+
+    ``rows``: "anchors" or "mix4"; ``cols``: "positives", "negatives", "anchors" or "mix3".
+    ``pattern``: "none"; "hard" (+w at (i, i)); "self" (-inf at (i, i));
+    "mix3" (0 at (i, i-1), +w at (i, i)); "mix4" (0 at (i, i+1), +w at (i, i)).
+    """
+
+    rows: str
+    cols: str
+    pattern: str
+
+
+def logit_blocks(has_negatives: bool, anchor_negatives: bool, has_mix: bool) -> list[LogitBlock]:
+    """Every logit block of a row, in the order of the reference's layout (shared by the fused backends)."""
+    blocks = [LogitBlock("anchors", "positives", "none")]
+    if has_negatives:
+        blocks.append(LogitBlock("anchors", "negatives", "hard"))
+    if anchor_negatives:
+        blocks.append(LogitBlock("anchors", "anchors", "self"))
+    if has_mix:
+        blocks.append(LogitBlock("anchors", "mix3", "mix3"))
+        blocks.append(LogitBlock("mix4", "positives", "mix4"))
+    return blocks

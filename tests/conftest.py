@@ -29,6 +29,30 @@ GRAD_TOL = {
 }
 
 
+# Option sets every backend's parity suite runs ("k": "n" means K = N hard negatives).
+OPTION_SETS = {
+    "unsup": dict(),
+    "hard_neg": dict(k="n", hard_negative_weight=0.7),
+    "hard_neg_w0": dict(k="n"),
+    "symmetric": dict(symmetric=True),
+    "anchor_neg": dict(anchor_negatives=True),
+    "mixcse": dict(mix_lambda=0.2),
+    "mixcse_sup": dict(k="n", mix_lambda=0.35, hard_negative_weight=0.4),
+    "sym_hard_neg": dict(k="n", symmetric=True, hard_negative_weight=-0.3),
+    "sym_anchor_mix": dict(symmetric=True, anchor_negatives=True, mix_lambda=0.6),
+    "everything": dict(k="n", symmetric=True, anchor_negatives=True, mix_lambda=0.5, hard_negative_weight=1.0),
+    "sum": dict(reduction="sum"),
+    "none": dict(k="n", reduction="none", anchor_negatives=True),
+}
+
+
+def split_option_set(option_set, n):
+    """(K, loss options) of an ``OPTION_SETS`` entry for a batch of n anchors."""
+    opts = dict(OPTION_SETS[option_set])
+    k = opts.pop("k", 0)
+    return (n if k == "n" else k), opts
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_backend_matches_reference, make_inputs
+from conftest import OPTION_SETS, assert_backend_matches_reference, make_inputs, split_option_set
 
 import simcse_kernels.backends as backends
 from simcse_kernels import BackendUnavailableError, fused_info_nce
@@ -28,26 +28,8 @@ from simcse_kernels.ops import cuda_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
-OPTION_SETS = {
-    "unsup": dict(),
-    "hard_neg": dict(k="n", hard_negative_weight=0.7),
-    "hard_neg_w0": dict(k="n"),
-    "symmetric": dict(symmetric=True),
-    "anchor_neg": dict(anchor_negatives=True),
-    "mixcse": dict(mix_lambda=0.2),
-    "mixcse_sup": dict(k="n", mix_lambda=0.35, hard_negative_weight=0.4),
-    "sym_hard_neg": dict(k="n", symmetric=True, hard_negative_weight=-0.3),
-    "everything": dict(k="n", symmetric=True, anchor_negatives=True, mix_lambda=0.5, hard_negative_weight=1.0),
-    "sum": dict(reduction="sum"),
-    "none": dict(k="n", reduction="none", anchor_negatives=True),
-}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
-
-def _split(option_set, n):
-    opts = dict(OPTION_SETS[option_set])
-    k = opts.pop("k", 0)
-    return (n if k == "n" else k), opts
 
 
 def _nvcc_available() -> bool:
@@ -192,7 +174,7 @@ def test_split_count():
 def test_fake_ops_give_shapes_and_dtypes(dtype, option_set):
     """The custom ops' fake implementations on the meta device, through the autograd Function."""
     n, p_rows, d = 5, 9, 7
-    k, opts = _split(option_set, n)
+    k, opts = split_option_set(option_set, n)
     meta = dict(device="meta")
     a = torch.empty(n, d, dtype=dtype, requires_grad=True, **meta)
     p = torch.empty(p_rows, d, dtype=dtype, requires_grad=True, **meta)
@@ -320,7 +302,7 @@ def emulated_backend(emulated_extension, monkeypatch):
     ],
 )
 def test_emulated_kernels_match_reference(emulated_backend, dtype, option_set, n, d):
-    k, opts = _split(option_set, n)
+    k, opts = split_option_set(option_set, n)
     a, p, neg = make_inputs(n, d, k, dtype=dtype, seed=n + d)
     assert_backend_matches_reference("cuda", a, p, neg, tau=torch.tensor(0.05), **opts)
 
@@ -361,7 +343,7 @@ def _cuda_or_skip():
 @pytest.mark.parametrize("n,d", [(1, 100), (7, 100), (129, 384), (70, 768)])
 def test_parity_every_option(dtype, option_set, n, d):
     _cuda_or_skip()
-    k, opts = _split(option_set, n)
+    k, opts = split_option_set(option_set, n)
     a, p, neg = make_inputs(n, d, k, dtype=dtype, device="cuda", seed=n + d)
     assert_backend_matches_reference("cuda", a, p, neg, tau=torch.tensor(0.05), **opts)
 

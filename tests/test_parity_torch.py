@@ -4,34 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_backend_matches_reference, make_inputs
-
-OPTION_SETS = {
-    "unsup": dict(),
-    "hard_neg": dict(k="n", hard_negative_weight=0.7),
-    "hard_neg_w0": dict(k="n"),
-    "symmetric": dict(symmetric=True),
-    "anchor_neg": dict(anchor_negatives=True),
-    "mixcse": dict(mix_lambda=0.2),
-    "mixcse_sup": dict(k="n", mix_lambda=0.35, hard_negative_weight=0.4),
-    "sym_hard_neg": dict(k="n", symmetric=True, hard_negative_weight=-0.3),
-    "everything": dict(k="n", symmetric=True, anchor_negatives=True, mix_lambda=0.5, hard_negative_weight=1.0),
-    "sum": dict(reduction="sum"),
-    "none": dict(k="n", reduction="none", anchor_negatives=True),
-}
-
-
-def _split(option_set, n):
-    opts = dict(OPTION_SETS[option_set])
-    k = opts.pop("k", 0)
-    return (n if k == "n" else k), opts
+from conftest import OPTION_SETS, assert_backend_matches_reference, make_inputs, split_option_set
 
 
 @pytest.mark.parametrize("backend", ["torch", "naive"])
 @pytest.mark.parametrize("option_set", list(OPTION_SETS))
 @pytest.mark.parametrize("n,d", [(1, 100), (7, 100), (129, 384)])
 def test_parity_fp32_learnable_tau(backend, option_set, n, d):
-    k, opts = _split(option_set, n)
+    k, opts = split_option_set(option_set, n)
     a, p, neg = make_inputs(n, d, k, dtype=torch.float32, seed=n + d)
     assert_backend_matches_reference(backend, a, p, neg, tau=torch.tensor(0.05), **opts)
 
@@ -39,7 +19,7 @@ def test_parity_fp32_learnable_tau(backend, option_set, n, d):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("option_set", ["unsup", "hard_neg", "everything"])
 def test_parity_dtypes(dtype, option_set):
-    k, opts = _split(option_set, 33)
+    k, opts = split_option_set(option_set, 33)
     a, p, neg = make_inputs(33, 100, k, dtype=dtype, seed=3)
     assert_backend_matches_reference("torch", a, p, neg, tau=0.07, **opts)
 
@@ -50,7 +30,7 @@ def test_parity_small_chunks_cross_block_edges(option_set, monkeypatch):
     import simcse_kernels.ops.chunked as chunked
 
     monkeypatch.setattr(chunked, "default_chunk_size", lambda n, device_type="cpu": 5)
-    k, opts = _split(option_set, 23)
+    k, opts = split_option_set(option_set, 23)
     a, p, neg = make_inputs(23, 100, k, seed=9)
     assert_backend_matches_reference("torch", a, p, neg, tau=torch.tensor(0.1), **opts)
 
@@ -81,6 +61,6 @@ def test_zero_vectors_give_finite_loss_and_grads():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("option_set", ["unsup", "everything"])
 def test_parity_cuda_large(dtype, option_set):
-    k, opts = _split(option_set, 8192)
+    k, opts = split_option_set(option_set, 8192)
     a, p, neg = make_inputs(8192, 768, k, dtype=dtype, device="cuda", seed=7)
     assert_backend_matches_reference("torch", a, p, neg, tau=torch.tensor(0.05, device="cuda"), **opts)

@@ -10,7 +10,14 @@ import os
 
 import pytest
 import torch
-from conftest import LOSS_TOL, assert_backend_matches_reference, loss_and_grads, make_inputs
+from conftest import (
+    LOSS_TOL,
+    OPTION_SETS,
+    assert_backend_matches_reference,
+    loss_and_grads,
+    make_inputs,
+    split_option_set,
+)
 
 from simcse_kernels import fused_info_nce, info_nce_reference
 from simcse_kernels.options import InfoNCEOptions
@@ -30,27 +37,7 @@ skip_bf16_interpreted = pytest.mark.skipif(
 needs_compiled_cuda = pytest.mark.skipif(
     INTERPRET, reason="large shapes need compiled kernels, not the interpreter")
 
-OPTION_SETS = {
-    "unsup": dict(),
-    "hard_neg": dict(k="n", hard_negative_weight=0.7),
-    "hard_neg_w0": dict(k="n"),
-    "symmetric": dict(symmetric=True),
-    "anchor_neg": dict(anchor_negatives=True),
-    "mixcse": dict(mix_lambda=0.2),
-    "mixcse_sup": dict(k="n", mix_lambda=0.35, hard_negative_weight=0.4),
-    "sym_hard_neg": dict(k="n", symmetric=True, hard_negative_weight=-0.3),
-    "sym_anchor_mix": dict(symmetric=True, anchor_negatives=True, mix_lambda=0.6),
-    "everything": dict(k="n", symmetric=True, anchor_negatives=True, mix_lambda=0.5,
-                       hard_negative_weight=1.0),
-    "sum": dict(reduction="sum"),
-    "none": dict(k="n", reduction="none", anchor_negatives=True),
-}
 
-
-def _split(option_set, n):
-    opts = dict(OPTION_SETS[option_set])
-    k = opts.pop("k", 0)
-    return (n if k == "n" else k), opts
 
 
 def _tau(value, dtype):
@@ -71,7 +58,7 @@ def small_blocks(monkeypatch):
 @pytest.mark.parametrize("option_set", list(OPTION_SETS))
 @pytest.mark.parametrize("n,d", [(1, 100), (7, 100), (129, 100)])
 def test_parity_every_option_learnable_tau(option_set, n, d):
-    k, opts = _split(option_set, n)
+    k, opts = split_option_set(option_set, n)
     a, p, neg = make_inputs(n, d, k, dtype=torch.float32, seed=n + d, device=DEVICE)
     assert_backend_matches_reference("triton", a, p, neg, tau=_tau(0.05, a.dtype), **opts)
 
@@ -79,7 +66,7 @@ def test_parity_every_option_learnable_tau(option_set, n, d):
 @pytest.mark.parametrize("option_set", ["unsup", "hard_neg", "symmetric", "everything"])
 def test_parity_d384_several_k_and_output_blocks(option_set):
     """N = 129 (not a block multiple), D = 384: several K steps and output-D chunks in the backward."""
-    k, opts = _split(option_set, 129)
+    k, opts = split_option_set(option_set, 129)
     a, p, neg = make_inputs(129, 384, k, seed=11, device=DEVICE)
     assert_backend_matches_reference("triton", a, p, neg, tau=_tau(0.05, a.dtype), **opts)
 
@@ -88,7 +75,7 @@ def test_parity_d384_several_k_and_output_blocks(option_set):
     torch.float64, torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=skip_bf16_interpreted)])
 @pytest.mark.parametrize("option_set", ["unsup", "hard_neg", "everything"])
 def test_parity_dtypes(dtype, option_set):
-    k, opts = _split(option_set, 33)
+    k, opts = split_option_set(option_set, 33)
     a, p, neg = make_inputs(33, 100, k, dtype=dtype, seed=3, device=DEVICE)
     assert_backend_matches_reference("triton", a, p, neg, tau=_tau(0.07, dtype), **opts)
 
@@ -103,7 +90,7 @@ def test_parity_float_temperature(dtype):
 @pytest.mark.parametrize("option_set", ["hard_neg", "symmetric", "anchor_neg", "mixcse", "everything"])
 def test_parity_small_blocks_cross_tile_edges(option_set, small_blocks):
     """Blocks of 16 (K, output-D chunks of 32): N = 23, D = 100 crosses every kind of tile edge."""
-    k, opts = _split(option_set, 23)
+    k, opts = split_option_set(option_set, 23)
     a, p, neg = make_inputs(23, 100, k, seed=9, device=DEVICE)
     assert_backend_matches_reference("triton", a, p, neg, tau=_tau(0.1, a.dtype), **opts)
 
@@ -201,7 +188,7 @@ def test_only_some_inputs_require_grad(which):
 def test_parity_atomic_backward(option_set, n, d, dtype, monkeypatch):
     """The alternative one-kernel-per-tile backward with atomics (``SIMCSE_TRITON_BWD=atomic``)."""
     monkeypatch.setenv("SIMCSE_TRITON_BWD", "atomic")
-    k, opts = _split(option_set, n)
+    k, opts = split_option_set(option_set, n)
     a, p, neg = make_inputs(n, d, k, dtype=dtype, seed=n + 5, device=DEVICE)
     assert_backend_matches_reference("triton", a, p, neg, tau=_tau(0.05, dtype), **opts)
 
@@ -406,7 +393,7 @@ def test_kernels_compile_for_cuda_targets(arch, dtype, bwd, tmp_path):
 @pytest.mark.parametrize("option_set", ["unsup", "everything"])
 def test_cuda_large_parity(dtype, option_set):
     """N = 8192, D = 768 against the float64 oracle (conftest computes it on the inputs' GPU)."""
-    k, opts = _split(option_set, 8192)
+    k, opts = split_option_set(option_set, 8192)
     a, p, neg = make_inputs(8192, 768, k, dtype=dtype, seed=31, device="cuda")
     assert_backend_matches_reference("triton", a, p, neg, tau=torch.tensor(0.05, device="cuda"), **opts)
 
@@ -415,7 +402,7 @@ def test_cuda_large_parity(dtype, option_set):
 @needs_compiled_cuda
 def test_cuda_large_parity_atomic_backward(monkeypatch):
     monkeypatch.setenv("SIMCSE_TRITON_BWD", "atomic")
-    k, opts = _split("everything", 8192)
+    k, opts = split_option_set("everything", 8192)
     a, p, neg = make_inputs(8192, 768, k, dtype=torch.bfloat16, seed=33, device="cuda")
     assert_backend_matches_reference("triton", a, p, neg, tau=torch.tensor(0.05, device="cuda"), **opts)
 

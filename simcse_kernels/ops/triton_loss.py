@@ -282,7 +282,8 @@ def _norm_backward(x: torch.Tensor, r: torch.Tensor, g1: torch.Tensor,
 
 
 def _prepare(anchors, positives, negatives, mix3, mix4, tau, w):
-    """Inverse norms, scalar tensors and flags shared by the forward and backward launches."""
+    """Inverse norms, scalar tensors, flags, negative count and precisions shared by the forward and
+    backward launches."""
     cdt = compute_dtype_for(anchors.dtype)
     ra = _inv_norms(anchors, cdt)
     rp = _inv_norms(positives, cdt)
@@ -296,17 +297,16 @@ def _prepare(anchors, positives, negatives, mix3, mix4, tau, w):
     w_t = torch.full((1,), float(w), device=anchors.device, dtype=cdt)
     ptrs = dict(a_ptr=anchors, ra_ptr=ra, p_ptr=positives, rp_ptr=rp, neg_ptr=neg, rneg_ptr=rneg,
                 mix3_ptr=m3, rmix3_ptr=rm3, mix4_ptr=m4, rmix4_ptr=rm4, tau_ptr=tau_t, w_ptr=w_t)
-    return cdt, ptrs, has_neg, has_mix
+    k = negatives.shape[0] if has_neg else 0
+    return cdt, ptrs, has_neg, has_mix, k, _precisions(anchors.dtype, anchors.device)
 
 
 def _forward_impl(anchors, positives, negatives, mix3, mix4, tau, labels, hard_negative_weight,
                   anchor_negatives, symmetric):
     n, d = anchors.shape
     n_pos = positives.shape[0]
-    cdt, ptrs, has_neg, has_mix = _prepare(anchors, positives, negatives, mix3, mix4, tau,
-                                           hard_negative_weight)
-    k = negatives.shape[0] if has_neg else 0
-    prec = _precisions(anchors.dtype, anchors.device)
+    cdt, ptrs, has_neg, has_mix, k, prec = _prepare(anchors, positives, negatives, mix3, mix4, tau,
+                                                    hard_negative_weight)
     lse = torch.empty(n, device=anchors.device, dtype=cdt)
     tgt = torch.empty(n, device=anchors.device, dtype=cdt)
     _launch("fwd_row", _k._fwd_row_kernel, lambda m: (_cdiv(n, m["BLOCK_M"]),), d, anchors.dtype,
@@ -331,10 +331,8 @@ def _backward_impl(grad_rows, anchors, positives, negatives, mix3, mix4, tau, la
                    need_negatives, need_dtau):
     n, d = anchors.shape
     n_pos = positives.shape[0]
-    cdt, ptrs, has_neg, has_mix = _prepare(anchors, positives, negatives, mix3, mix4, tau,
-                                           hard_negative_weight)
-    k = negatives.shape[0] if has_neg else 0
-    prec = _precisions(anchors.dtype, anchors.device)
+    cdt, ptrs, has_neg, has_mix, k, prec = _prepare(anchors, positives, negatives, mix3, mix4, tau,
+                                                    hard_negative_weight)
     dev = anchors.device
     g = grad_rows.to(cdt).contiguous()
     if symmetric:

@@ -3,7 +3,8 @@
     from simcse_kernels import FusedInfoNCE, fused_info_nce
 """
 
-from .backends import BackendUnavailableError, available_backends
+from .backends import available_backends
+from .errors import BackendUnavailableError, SelfCheckError
 from .functional import fused_info_nce
 from .module import FusedInfoNCE
 from .options import InfoNCEOptions
@@ -13,6 +14,7 @@ __all__ = [
     "BackendUnavailableError",
     "FusedInfoNCE",
     "InfoNCEOptions",
+    "SelfCheckError",
     "available_backends",
     "fused_info_nce",
     "info_nce_reference",

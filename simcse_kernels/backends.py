@@ -7,12 +7,10 @@ import os
 
 import torch
 
+from .errors import BackendUnavailableError
+
 #: below this many logits the naive matrix is faster than chunking on CPU (and small in memory)
 NAIVE_MAX_LOGITS_ON_CPU = 1 << 22
-
-
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run here; the message says why."""
 
 
 def _triton_unavailable_reason(device: torch.device) -> str | None:

@@ -26,6 +26,7 @@ def fused_info_nce(
     reduction: str = "mean",
     backend: str = "auto",
     check_inputs: bool = True,
+    chunk_budget_mib: float | None = None,
 ) -> torch.Tensor:
     """InfoNCE over cosine similarities, without materializing the N x M matrix.
 
@@ -46,6 +47,8 @@ def fused_info_nce(
         reduction: "mean" | "sum" | "none".
         backend: "auto" | "naive" | "torch" | "triton" | "cuda".
         check_inputs: check NaN/inf and label range (costs one device sync).
+        chunk_budget_mib: memory budget (MiB) of the (R, M) gradient chunk; None: the
+            environment variable ``SIMCSE_KERNELS_CHUNK_MIB``, else 256.
 
     Returns:
         The loss in float32 (float64 for float64 inputs); shape () or (N,) for "none".
@@ -60,6 +63,7 @@ def fused_info_nce(
         reduction=reduction,
         backend=backend,
         check_inputs=check_inputs,
+        chunk_budget_mib=chunk_budget_mib,
     )
     return info_nce_with_options(anchors, positives, negatives, labels, options)
 

@@ -33,6 +33,7 @@ class FusedInfoNCE(nn.Module):
         backend: str = "auto",
         check_inputs: bool = True,
         learnable_temperature: bool = False,
+        chunk_budget_mib: float | None = None,
     ) -> None:
         super().__init__()
         # Validate every option once, here, with the same messages as the functional API.
@@ -45,6 +46,7 @@ class FusedInfoNCE(nn.Module):
             reduction=reduction,
             backend=backend,
             check_inputs=check_inputs,
+            chunk_budget_mib=chunk_budget_mib,
         )
         self.log_temperature: nn.Parameter | None = None
         if learnable_temperature:

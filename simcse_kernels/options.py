@@ -34,6 +34,9 @@ class InfoNCEOptions:
         backend: ``"auto"``, ``"naive"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
         check_inputs: scan inputs for NaN/inf and labels for range (one device sync). Turn off in
             tight loops once the pipeline is known to be sane.
+        chunk_budget_mib: memory budget (MiB) of the (R, M) gradient chunk of the row-chunked
+            gradient paths (``"torch"`` and the fused backends); ``None``: the environment
+            variable ``SIMCSE_KERNELS_CHUNK_MIB``, else 256. Extra memory is O(R·M + (N + M)·D).
     """
 
     temperature: Temperature = 0.05
@@ -44,6 +47,7 @@ class InfoNCEOptions:
     reduction: str = "mean"
     backend: str = "auto"
     check_inputs: bool = True
+    chunk_budget_mib: float | None = None
 
     def __post_init__(self) -> None:
         check_temperature_value(self.temperature)
@@ -58,6 +62,10 @@ class InfoNCEOptions:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        budget = self.chunk_budget_mib
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not math.isfinite(budget) or budget <= 0):
+            raise ValueError(f"chunk_budget_mib must be a positive number of MiB or None, got {budget!r}")
         for name in ("symmetric", "anchor_negatives", "check_inputs"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")

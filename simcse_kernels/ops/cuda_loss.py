@@ -36,6 +36,7 @@ import importlib
 
 import torch
 
+from ..errors import BackendUnavailableError
 from ..options import InfoNCEOptions
 from ..reference import mixed_features, reduce_loss
 from .features import logit_blocks, temperature_tensor
@@ -385,8 +386,6 @@ def cuda_info_nce(
     _check_cuda_inputs(anchors, positives, negatives, labels)
     reason = unavailable_reason(anchors.device)
     if reason is not None:
-        from ..backends import BackendUnavailableError
-
         raise BackendUnavailableError(f"backend 'cuda' is unavailable on {anchors.device}: {reason}")
     mix3 = mix4 = None
     if options.mix_lambda is not None:

@@ -1,16 +1,35 @@
-"""Backend ``"torch"``: pure-PyTorch chunked loss with an online log-sum-exp.
+"""Backend ``"torch"``: pure-PyTorch chunked loss; never builds the N x M logit matrix.
 
-Forward walks the logit matrix block by block (column chunks of each block of the reference's
-layout), keeping only each row's running log-sum-exp (and, when symmetric, each positive
-column's log-sum-exp). Backward recomputes every chunk from the saved LSEs and accumulates the
-gradients with two matmuls per chunk. Peak extra memory is O(N·chunk + (N + M)·D), never N x M.
-Works on any device; the math is written in :mod:`simcse_kernels.reference`.
+Two paths (the math is written in :mod:`simcse_kernels.reference`):
+
+* ``reduction="mean"/"sum"`` (a scalar loss, the usual case): :class:`RowChunkedInfoNCEFunction`.
+  Anchor rows are processed in chunks of R rows. For each chunk the forward pass materializes
+  the chunk's full logit rows (R x M_total, every block: one GEMM into a reused buffer, the
+  constant entries written in place), takes the row softmax in place (one fused, cache-friendly
+  pass), forms ``∂L/∂s`` in the same buffer (minus the target, the symmetric column term, zero
+  at constant logits) and immediately runs the two gradient GEMMs (``∂â[chunk] = dS @ ĉ``,
+  ``∂ĉ += dS^T @ â[chunk]``). Backward only scales the saved gradients by the incoming scalar
+  gradient; the normalization backward runs through autograd. That is 3 GEMM-equivalents
+  forward+backward with no recomputation (symmetric: a first pass over the positives block for
+  the column log-sum-exps, 4), and memory O(R·M + (N + M)·D) with R from the chunk budget
+  (:mod:`simcse_kernels.ops.budget`). The temperature gradient needs no extra pass:
+  ``Σ_ij dS_ij cos_ij = Σ_i â_i·(dS @ ĉ)_i``, a dot of the gradient GEMM's output with â.
+  Under ``no_grad`` (or when no input requires grad) only the loss is computed.
+  Each row's loss is ``-log σ_{i,l_i}`` (exact while σ is a normal float) or else
+  ``m_i - log σ_{i,argmax} - s_{i,l_i}`` (never underflows), chosen without a host sync.
+* ``reduction="none"``: :class:`ChunkedInfoNCEFunction`: column chunks with an online
+  log-sum-exp in forward; backward recomputes every chunk from the saved LSEs and accumulates
+  the gradients with two matmuls per chunk (4 GEMM-equivalents; the per-row upstream gradient is
+  only known in backward). Peak extra memory O(N·chunk + (N + M)·D).
+
+Works on any device.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .budget import chunk_budget_bytes, rows_per_chunk
 from .features import LogitBlock, NormalizedFeatures, logit_blocks
 
 #: logits per chunk: 2M (8 MiB fp32) on CPU; 16M (64 MiB) on GPUs, where launches cost more
@@ -148,3 +167,279 @@ def chunked_per_row_loss(
         feats.anchors, feats.positives, feats.negatives, feats.mix3, feats.mix4, feats.tau, labels,
         float(hard_negative_weight), anchor_negatives, symmetric, chunk,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalar reductions: row chunks, gradient formed in the forward pass (3 GEMM-equivalents).
+# ---------------------------------------------------------------------------------------------
+
+#: most rows per chunk by device type (the budget may allow more): on CPU a chunk whose rows stay
+#: small keeps the softmax and the GEMM panels in cache (measured, see benchmarks/README.md)
+MAX_ROWS = {"cpu": 512}
+
+
+def scalar_rows_per_chunk(n_rows: int, n_cols: int, n_pos: int, symmetric: bool, itemsize: int,
+                          device_type: str, chunk_budget_mib: float | None) -> int:
+    """Rows R of one chunk of the scalar-reduction path.
+
+    Args:
+        n_rows: N anchors; n_cols: M_total logit columns of a row; n_pos: P (the symmetric
+        column-term buffer is R x P); itemsize: bytes of the compute dtype; device_type: e.g. "cpu";
+        chunk_budget_mib: the budget option (None: ``$SIMCSE_KERNELS_CHUNK_MIB`` or 256 MiB).
+
+    Returns:
+        R in [1, N]: the (R, M_total) buffer (plus (R, P) when symmetric) fits the budget, and R is
+        at most ``MAX_ROWS[device_type]`` when set.
+    """
+    per_row_cols = n_cols + (n_pos if symmetric else 0)
+    rows = rows_per_chunk(n_rows, per_row_cols, itemsize, chunk_budget_bytes(chunk_budget_mib))
+    cap = MAX_ROWS.get(device_type)
+    return max(1, min(rows, cap)) if cap else rows
+
+
+class _Layout:
+    """Column layout of a chunk's logit rows: [P | K | N (anchor negatives) | N (mix3) | N (mix4)].
+
+    The first ``mc`` columns are ``anchors[chunk] @ cols^T`` (one GEMM); mix4 rows against the
+    positives fill the last N. ``mg``: the columns whose operand needs a gradient (mix3 is detached).
+    """
+
+    def __init__(self, n: int, n_pos: int, n_neg: int, anchor_negatives: bool, mix: bool):
+        self.n, self.p, self.k = n, n_pos, n_neg
+        self.o_self = n_pos + n_neg if anchor_negatives else None
+        self.mg = n_pos + n_neg + (n if anchor_negatives else 0)
+        self.o_mix3 = self.mg if mix else None
+        self.mc = self.mg + (n if mix else 0)
+        self.o_mix4 = self.mc if mix else None
+        self.m = self.mc + (n if mix else 0)
+
+
+def _fill_logits(buf, rows_s, mix4_s, cols, lay: _Layout, r0: int, r1: int, w: float):
+    """Logits of anchor rows [r0, r1) into ``buf`` (R, M_total); returns the flat indices of
+    constant (MixCSE-masked) entries, or None.
+
+    Args:
+        buf: (R, M_total) contiguous output; rows_s: (N, D) â / tau; mix4_s: (N, D) or None;
+        cols: (mc, D) concatenated column operands [p̂; n̂; â; mix3̂]; lay: the layout; w: the
+        hard-negative weight.
+    """
+    dev = buf.device
+    m = lay.m
+    torch.mm(rows_s[r0:r1], cols.T, out=buf[:, : lay.mc])
+    if lay.o_mix4 is not None:
+        torch.mm(mix4_s[r0:r1], cols[: lay.p].T, out=buf[:, lay.o_mix4:])
+    rows = torch.arange(r1 - r0, device=dev)
+    glob = rows + r0
+    flat = buf.view(-1)
+    base = rows * m
+    n_hard = min(r1, lay.k) - r0  # rows of this chunk that have a paired hard negative
+    if n_hard > 0 and w != 0.0:
+        flat[(base + lay.p + glob)[:n_hard]] += w
+    if lay.o_self is not None:
+        flat[base + lay.o_self + glob] = float("-inf")
+    if lay.o_mix3 is None:
+        return None
+    # MixCSE: zero the masked entry first, then add w on the diagonal (official order).
+    const = torch.cat([base + lay.o_mix3 + (glob - 1) % lay.n, base + lay.o_mix4 + (glob + 1) % lay.n])
+    flat[const] = 0.0
+    if w != 0.0:
+        flat[torch.cat([base + lay.o_mix3 + glob, base + lay.o_mix4 + glob])] += w
+    return const
+
+
+def _softmax_(buf: torch.Tensor) -> torch.Tensor:
+    """Row softmax of a contiguous (R, M) tensor, in place where possible (one fused pass)."""
+    if torch.compiler.is_compiling():
+        return buf.copy_(torch.softmax(buf, dim=1))
+    return torch.ops.aten._softmax.out(buf, 1, False, out=buf)
+
+
+def _column_lse(rows_s, cols, lay: _Layout, rows_per: int, buf) -> torch.Tensor:
+    """Symmetric first pass: log-sum-exp over all anchors of each positive's column, (P,)."""
+    clse = torch.full((lay.p,), float("-inf"), device=cols.device, dtype=cols.dtype)
+    for r0 in range(0, lay.n, rows_per):
+        r1 = min(r0 + rows_per, lay.n)
+        s = buf.view(-1)[: (r1 - r0) * lay.p].view(r1 - r0, lay.p)
+        torch.mm(rows_s[r0:r1], cols[: lay.p].T, out=s)
+        clse = torch.logaddexp(clse, torch.logsumexp(s, dim=0))
+    return clse
+
+
+def _scalar_pass(anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric,
+                 reduction_sum, rows_per, need):
+    """Loss and (when ``need`` asks) the unscaled gradients of the scalar-reduction path.
+
+    Args:
+        anchors (N, D), positives (P, D), negatives (K, D) or None, mix3/mix4 (N, D) or None:
+        unit-norm features in the compute dtype (detached). tau: 0-dim tensor. labels: (N,) int64.
+        w: hard-negative weight; anchor_negatives, symmetric: options; reduction_sum: "sum" (else
+        "mean"); rows_per: R; need: (anchors, positives, negatives, tau) booleans.
+
+    Returns:
+        (loss (0-dim), grads dict or None). grads holds ``dA`` (N, D), ``dC`` (mg, D) (columns
+        [p̂; n̂; â]), ``dPmix`` (P, D) (the mix4 block's part of ∂p̂), each equal to the true gradient
+        times ``tau / scale``, ``scale`` (g, or g/2 when symmetric) and ``dtau`` (true value).
+    """
+    n, d = anchors.shape
+    n_pos, n_neg = positives.shape[0], 0 if negatives is None else negatives.shape[0]
+    dev, dt = anchors.device, anchors.dtype
+    lay = _Layout(n, n_pos, n_neg, anchor_negatives, mix3 is not None)
+    parts = [positives] + ([negatives] if n_neg else []) + ([anchors] if anchor_negatives else [])
+    parts += [mix3] if mix3 is not None else []
+    cols = torch.cat(parts) if len(parts) > 1 else positives
+    inv_tau = 1.0 / tau
+    rows_s = anchors * inv_tau
+    mix4_s = None if mix4 is None else mix4 * inv_tau
+    need_a, need_p, need_n, need_tau = need
+    any_grad = any(need)
+    buf_all = torch.empty(rows_per * lay.m, device=dev, dtype=dt)
+    clse = cshift = None
+    if symmetric:
+        clse = _column_lse(rows_s, cols, lay, rows_per, buf_all)
+        counts = torch.zeros(n_pos, device=dev, dtype=dt).index_add_(
+            0, labels, torch.ones(n, device=dev, dtype=dt))
+        cshift = clse - torch.log(counts)  # +inf where no row targets the column: no column term
+        tbuf = torch.empty(rows_per * n_pos, device=dev, dtype=dt) if any_grad else None
+    # which differentiable columns [lo, hi) of the dC GEMM are needed
+    lo = 0 if need_p else (n_pos if need_n else n_pos + n_neg)
+    hi = lay.mg if (need_a and anchor_negatives) else (n_pos + n_neg if need_n else (n_pos if need_p else 0))
+    grads = None
+    if any_grad:
+        grads = dict(
+            dA=torch.empty(n, d, device=dev, dtype=dt) if (need_a or need_tau) else None,
+            dC=torch.zeros(lay.mg, d, device=dev, dtype=dt) if hi > lo else None,
+            dPmix=torch.zeros(n_pos, d, device=dev, dtype=dt) if mix4 is not None and (need_p or need_tau) else None,
+        )
+    total = torch.zeros((), device=dev, dtype=dt)
+    tiny = torch.finfo(dt).tiny
+    for r0 in range(0, n, rows_per):
+        r1 = min(r0 + rows_per, n)
+        r = r1 - r0
+        buf = buf_all[: r * lay.m].view(r, lay.m)
+        const = _fill_logits(buf, rows_s, mix4_s, cols, lay, r0, r1, w)
+        rows = torch.arange(r, device=dev)
+        tgt_idx = rows * lay.m + labels[r0:r1]
+        t = buf.view(-1)[tgt_idx]  # target logits s_{i,l_i}
+        row_max, arg = buf.max(dim=1)
+        if symmetric and any_grad:
+            tcol = tbuf[: r * n_pos].view(r, n_pos)
+            torch.sub(buf[:, :n_pos], cshift, out=tcol)
+            tcol.exp_()
+        probs = _softmax_(buf)
+        p_t = probs.view(-1)[tgt_idx]
+        p_max = probs.view(-1)[rows * lay.m + arg]
+        # lse - t: -log σ_t is exact while σ_t is normal; m - log σ_max - t never underflows
+        row_loss = torch.where(p_t > tiny, -torch.log(p_t.clamp_min(tiny)), row_max - torch.log(p_max) - t)
+        if symmetric:
+            row_loss = 0.5 * (row_loss + clse[labels[r0:r1]] - t)
+        total = total + row_loss.sum()
+        if not any_grad:
+            continue
+        # ∂L/∂s up to the factor `scale`: σ - Y, or σ + colterm - 2Y when symmetric (scale g/2)
+        if symmetric:
+            probs[:, :n_pos] += tcol
+        probs.view(-1)[tgt_idx] -= 2.0 if symmetric else 1.0
+        if const is not None:
+            probs.view(-1)[const] = 0.0
+        if grads["dA"] is not None:
+            torch.mm(probs[:, : lay.mc], cols, out=grads["dA"][r0:r1])
+        if grads["dC"] is not None:
+            acc = grads["dC"][lo:hi]  # addmm with out= (not addmm_: FlopCounterMode counts it)
+            torch.addmm(acc, probs[:, lo:hi].T, anchors[r0:r1], out=acc)
+        if grads["dPmix"] is not None:
+            torch.addmm(grads["dPmix"], probs[:, lay.o_mix4:].T, mix4[r0:r1], out=grads["dPmix"])
+    g = 1.0 if reduction_sum else 1.0 / n
+    loss = total if reduction_sum else total / n
+    if grads is not None:
+        scale = 0.5 * g if symmetric else g
+        grads["scale"] = scale
+        if need_tau:
+            # Σ dS_ij cos_ij over every non-constant logit = Σ_i â_i·(dS @ ĉ)_i (+ the mix4 block's part)
+            dot = (anchors * grads["dA"]).sum()
+            if grads["dPmix"] is not None:
+                dot = dot + (positives * grads["dPmix"]).sum()
+            grads["dtau"] = -scale * dot / (tau * tau)
+    return loss, grads
+
+
+class RowChunkedInfoNCEFunction(torch.autograd.Function):
+    """Scalar InfoNCE loss (``mean``/``sum``) from normalized features; gradients formed in forward.
+
+    Inputs: anchors (N, D), positives (P, D), negatives (K, D) or None, mix3/mix4 (N, D) or None
+    (detached), tau 0-dim, labels (N,) int64, then w, anchor_negatives, symmetric, reduction_sum,
+    rows_per (R) and need (which of anchors, positives, negatives, tau need a gradient).
+    Output: the 0-dim loss in the features' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric,
+                reduction_sum, rows_per, need):
+        loss, grads = _scalar_pass(anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives,
+                                   symmetric, reduction_sum, rows_per, need)
+        n_pos, n_neg = positives.shape[0], 0 if negatives is None else negatives.shape[0]
+        need_a, need_p, need_n, need_tau = need
+        factor = grads["scale"] / tau
+        d_a = d_p = d_n = None
+        d_c = grads["dC"]
+        if need_a:
+            d_a = grads["dA"]
+            if anchor_negatives:
+                d_a = d_a + d_c[n_pos + n_neg:]
+            d_a = d_a * factor
+        if need_p:
+            d_p = d_c[:n_pos] if grads["dPmix"] is None else d_c[:n_pos] + grads["dPmix"]
+            d_p = d_p * factor
+        if need_n:
+            d_n = d_c[n_pos:n_pos + n_neg] * factor
+        d_tau = grads.get("dtau") if need_tau else None
+        ctx.save_for_backward(*(x if x is not None else torch.empty(0) for x in (d_a, d_p, d_n, d_tau)))
+        ctx.present = (d_a is not None, d_p is not None, d_n is not None, d_tau is not None)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        saved = [x if present else None for x, present in zip(ctx.saved_tensors, ctx.present)]
+        d_a, d_p, d_n, d_tau = (None if x is None else x * grad_loss.to(x.dtype) for x in saved)
+        return d_a, d_p, d_n, None, None, d_tau, None, None, None, None, None, None, None
+
+
+def chunked_scalar_loss(
+    feats: NormalizedFeatures,
+    labels: torch.Tensor,
+    hard_negative_weight: float,
+    anchor_negatives: bool,
+    symmetric: bool,
+    reduction: str,
+    chunk_budget_mib: float | None = None,
+    rows_per: int | None = None,
+) -> torch.Tensor:
+    """The reduced (``"mean"``/``"sum"``) loss, 0-dim in the compute dtype, on the row-chunked path.
+
+    Args:
+        feats: normalized features (see :class:`NormalizedFeatures`); gradients flow to the
+            differentiable ones and to tau when it requires grad.
+        labels: (N,) int64 targets. hard_negative_weight, anchor_negatives, symmetric: options.
+        reduction: "mean" or "sum".
+        chunk_budget_mib: budget of the (R, M) chunk (None: env var or 256 MiB).
+        rows_per: R, overriding the budget (tests).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"chunked_scalar_loss needs reduction 'mean' or 'sum', got {reduction!r}")
+    a, p, neg, tau = feats.anchors, feats.positives, feats.negatives, feats.tau
+    n, n_pos = a.shape[0], p.shape[0]
+    n_neg = 0 if neg is None else neg.shape[0]
+    lay = _Layout(n, n_pos, n_neg, anchor_negatives, feats.mix3 is not None)
+    if rows_per is None:
+        rows_per = scalar_rows_per_chunk(n, lay.m, n_pos, symmetric, a.element_size(), a.device.type,
+                                         chunk_budget_mib)
+    grad_on = torch.is_grad_enabled()
+    need = tuple(bool(grad_on and t is not None and t.requires_grad) for t in (a, p, neg, tau))
+    labels = labels.to(torch.int64)
+    w = float(hard_negative_weight)
+    if not any(need):
+        with torch.no_grad():
+            loss, _ = _scalar_pass(a, p, neg, feats.mix3, feats.mix4, tau, labels, w, anchor_negatives,
+                                   symmetric, reduction == "sum", rows_per, need)
+        return loss
+    return RowChunkedInfoNCEFunction.apply(a, p, neg, feats.mix3, feats.mix4, tau, labels, w, anchor_negatives,
+                                           symmetric, reduction == "sum", rows_per, need)

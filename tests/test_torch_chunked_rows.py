@@ -1,0 +1,227 @@
+"""The ``torch`` backend's scalar-reduction path: row chunks, gradient formed in the forward pass.
+
+Parity with the float64 oracle across several row chunks and with the row count limited by the
+memory budget, the loss-only path (no_grad / nothing requires grad), only some inputs requiring
+grad, a row whose target probability underflows, and the GEMM work of each case
+(``FlopCounterMode``; unit: one similarity GEMM, 2·N·M·D FLOPs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import (
+    GRAD_TOL,
+    LOSS_TOL,
+    OPTION_SETS,
+    assert_backend_matches_reference,
+    make_inputs,
+    split_option_set,
+)
+from torch.utils.flop_counter import FlopCounterMode
+
+import simcse_kernels.ops.chunked as chunked
+from simcse_kernels import fused_info_nce, info_nce_reference
+from simcse_kernels.ops.budget import ENV_VAR
+
+SCALAR_SETS = [name for name, opts in OPTION_SETS.items() if opts.get("reduction", "mean") != "none"]
+
+
+def logit_columns(n, k, opts) -> int:
+    """M_total of a row: P + K (+ N anchor negatives) (+ 2N MixCSE blocks)."""
+    return n + k + n * int(opts.get("anchor_negatives", False)) + 2 * n * int(opts.get("mix_lambda") is not None)
+
+
+def count_chunks(monkeypatch) -> list:
+    """Record the row range of every chunk the scalar path fills."""
+    calls = []
+    fill = chunked._fill_logits
+
+    def spy(buf, rows_s, mix4_s, cols, lay, r0, r1, w):
+        calls.append((r0, r1))
+        return fill(buf, rows_s, mix4_s, cols, lay, r0, r1, w)
+
+    monkeypatch.setattr(chunked, "_fill_logits", spy)
+    return calls
+
+
+def gemm_equivalents(fn, n, m, d) -> float:
+    """FLOPs of every matmul in ``fn()`` in units of one 2·n·m·d similarity GEMM."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / (2 * n * m * d)
+
+
+@pytest.mark.parametrize("option_set", SCALAR_SETS)
+def test_parity_across_row_chunks(option_set, monkeypatch):
+    """R = 4 rows per chunk over N = 23 anchors: 6 chunks, the last one partial; every masked or
+    weighted diagonal entry and the MixCSE wrap-around rows land in different chunks."""
+    monkeypatch.setitem(chunked.MAX_ROWS, "cpu", 4)
+    calls = count_chunks(monkeypatch)
+    k, opts = split_option_set(option_set, 23)
+    a, p, neg = make_inputs(23, 64, k, seed=31)
+    assert_backend_matches_reference("torch", a, p, neg, tau=torch.tensor(0.07), **opts)
+    assert sorted(set(calls)) == [(r, min(r + 4, 23)) for r in range(0, 23, 4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_parity_across_row_chunks_dtypes(dtype, monkeypatch):
+    monkeypatch.setitem(chunked.MAX_ROWS, "cpu", 5)
+    k, opts = split_option_set("everything", 17)
+    a, p, neg = make_inputs(17, 48, k, dtype=dtype, seed=32)
+    # an fp64 tau leaf for fp64 inputs (an fp32 leaf holds its gradient only to fp32)
+    tau = torch.tensor(0.1, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_backend_matches_reference("torch", a, p, neg, tau=tau, **opts)
+
+
+@pytest.mark.parametrize("option_set", ["hard_neg", "symmetric", "everything"])
+def test_rows_limited_by_budget(option_set, monkeypatch):
+    """R·M_total is bounded by the chunk budget (here 3 rows' worth, env var and option)."""
+    monkeypatch.setitem(chunked.MAX_ROWS, "cpu", 10**9)  # only the budget limits R
+    n, d = 19, 40
+    k, opts = split_option_set(option_set, n)
+    m = logit_columns(n, k, opts)
+    per_row = (m + (n if opts.get("symmetric") else 0)) * 4  # fp32 logits (+ symmetric column term)
+    budget_mib = 3.5 * per_row / 2**20
+    assert chunked.scalar_rows_per_chunk(n, m, n, bool(opts.get("symmetric")), 4, "cpu", budget_mib) == 3
+    a, p, neg = make_inputs(n, d, k, seed=33)
+    calls = count_chunks(monkeypatch)
+    monkeypatch.setenv(ENV_VAR, repr(budget_mib))
+    assert_backend_matches_reference("torch", a, p, neg, tau=torch.tensor(0.05), **opts)
+    assert max(r1 - r0 for r0, r1 in calls) == 3
+    monkeypatch.delenv(ENV_VAR)
+    # the option overrides the environment variable and gives the same loss
+    calls.clear()
+    loss = fused_info_nce(a, p, neg, backend="torch", chunk_budget_mib=budget_mib, **opts)
+    assert max(r1 - r0 for r0, r1 in calls) == 3
+    expected = info_nce_reference(a.double(), p.double(), None if neg is None else neg.double(), **opts)
+    torch.testing.assert_close(loss.double(), expected, rtol=LOSS_TOL[torch.float32]["rtol"], atol=20 * 1e-6)
+
+
+def test_default_budget_rows():
+    """256 MiB by default; the CPU row cap applies below it."""
+    assert chunked.scalar_rows_per_chunk(10**6, 2**16, 2**16, False, 4, "cuda", None) == 1024
+    assert chunked.scalar_rows_per_chunk(10**6, 2**16, 2**16, True, 4, "cuda", None) == 512
+    assert chunked.scalar_rows_per_chunk(100, 10, 10, False, 4, "cuda", None) == 100
+    assert chunked.scalar_rows_per_chunk(10**6, 2**10, 2**10, False, 4, "cpu", None) == chunked.MAX_ROWS["cpu"]
+    assert chunked.scalar_rows_per_chunk(10**6, 2**30, 2**30, False, 8, "cpu", 1.0) == 1
+
+
+@pytest.mark.parametrize("option_set", ["unsup", "sym_hard_neg", "everything"])
+@pytest.mark.parametrize("how", ["no_grad", "inference_mode", "no_input_requires_grad"])
+def test_loss_only_without_grad(option_set, how, monkeypatch):
+    """Without grad only the loss is computed: one similarity GEMM (symmetric: + the positives
+    block for the column LSEs), no gradient GEMMs, no autograd graph."""
+    monkeypatch.setitem(chunked.MAX_ROWS, "cpu", 8)
+    n, d = 21, 32
+    k, opts = split_option_set(option_set, n)
+    a, p, neg = make_inputs(n, d, k, seed=34)
+    m = logit_columns(n, k, opts)
+    if how != "no_input_requires_grad":
+        a, p = a.requires_grad_(True), p.requires_grad_(True)
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(how, torch.enable_grad)
+    with ctx():
+        loss = None
+
+        def run():
+            nonlocal loss
+            loss = fused_info_nce(a, p, neg, temperature=0.05, backend="torch", **opts)
+
+        units = gemm_equivalents(run, n, m, d)
+    assert loss.grad_fn is None and not loss.requires_grad
+    sym_extra = n / m if opts.get("symmetric") else 0.0
+    assert units == pytest.approx(1.0 + sym_extra, rel=1e-9)
+    expected = info_nce_reference(a.detach().double(), p.detach().double(),
+                                  None if neg is None else neg.double(), temperature=0.05, **opts)
+    torch.testing.assert_close(loss.double(), expected, rtol=LOSS_TOL[torch.float32]["rtol"], atol=20 * 1e-6)
+
+
+# (which inputs require grad, expected GEMM-equivalents for the hard_neg set with M = 2N):
+# forward 1; ∂â = dS @ ĉ is 1; ∂ĉ over the columns that need it (P or K of them: 1/2 each)
+PARTIAL = {
+    "anchors": ({"anchors"}, 2.0),
+    "positives": ({"positives"}, 1.5),
+    "negatives": ({"negatives"}, 1.5),
+    "tau": ({"tau"}, 2.0),
+    "positives_negatives": ({"positives", "negatives"}, 2.0),
+    "all": ({"anchors", "positives", "negatives", "tau"}, 3.0),
+}
+
+
+@pytest.mark.parametrize("case", list(PARTIAL))
+def test_only_some_inputs_require_grad(case, monkeypatch):
+    """Gradients of exactly the inputs that require grad, equal to the oracle's; the gradient
+    GEMMs of the others are skipped."""
+    monkeypatch.setitem(chunked.MAX_ROWS, "cpu", 6)
+    wanted, expected_units = PARTIAL[case]
+    n, d = 20, 36
+    a, p, neg = make_inputs(n, d, n, seed=35)
+    opts = dict(hard_negative_weight=0.6)
+
+    def leaves(dtype):
+        ts = {name: t.to(dtype).detach().clone().requires_grad_(name in wanted)
+              for name, t in (("anchors", a), ("positives", p), ("negatives", neg))}
+        ts["tau"] = torch.tensor(0.06, dtype=dtype, requires_grad="tau" in wanted)
+        return ts
+
+    ref = leaves(torch.float64)
+    info_nce_reference(ref["anchors"], ref["positives"], ref["negatives"], temperature=ref["tau"],
+                       **opts).backward()
+    ours = leaves(torch.float32)
+
+    def run():
+        fused_info_nce(ours["anchors"], ours["positives"], ours["negatives"], temperature=ours["tau"],
+                       backend="torch", **opts).backward()
+
+    units = gemm_equivalents(run, n, 2 * n, d)
+    assert units == pytest.approx(expected_units, rel=1e-9)
+    for name in ("anchors", "positives", "negatives", "tau"):
+        if name not in wanted:
+            assert ours[name].grad is None, name
+            continue
+        exp = ref[name].grad
+        scale = max(exp.abs().max().item(), 1.0 / n)
+        torch.testing.assert_close(ours[name].grad.double(), exp, rtol=GRAD_TOL[torch.float32]["rtol"],
+                                   atol=GRAD_TOL[torch.float32]["atol"] * scale, msg=lambda m, k=name: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("option_set", ["unsup", "hard_neg", "symmetric", "mixcse", "anchor_neg"])
+def test_three_gemm_equivalents_forward_backward(option_set):
+    """One forward+backward does at most 3 GEMM-equivalents (symmetric 4): no recomputation."""
+    n, d = 24, 32
+    k, opts = split_option_set(option_set, n)
+    a, p, neg = make_inputs(n, d, k, seed=36)
+    leaves = [t.requires_grad_(True) for t in (a, p, neg) if t is not None]
+    m = logit_columns(n, k, opts)
+    units = gemm_equivalents(
+        lambda: fused_info_nce(a, p, neg, temperature=torch.tensor(0.05, requires_grad=True), backend="torch",
+                               **opts).backward(), n, m, d)
+    assert units <= (4.05 if opts.get("symmetric") else 3.05), units
+    assert all(t.grad is not None for t in leaves)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_underflowing_target_probability(dtype, symmetric):
+    """tau = 0.01 and an anchor opposite to its positive: the target's softmax probability is
+    ~exp(-200) (0 in fp32), so the loss comes from the row max instead; still exact."""
+    n, d = 6, 16
+    a, p, _ = make_inputs(n, d, dtype=torch.float64, seed=37)
+    p[0] = -a[0]
+    p[1] = a[0]  # row 0's best column is a wrong one, with cosine 1
+    a, p = a.to(dtype), p.to(dtype)
+    loss = fused_info_nce(a, p, temperature=0.01, symmetric=symmetric, backend="torch")
+    assert math.isfinite(loss.item()) and loss.item() > 20
+    assert_backend_matches_reference("torch", a, p, None, tau=0.01, symmetric=symmetric)
+
+
+def test_chunked_scalar_loss_rejects_none_reduction():
+    from simcse_kernels.ops.features import normalized_features
+    from simcse_kernels.options import InfoNCEOptions
+
+    a, p, _ = make_inputs(4, 8)
+    feats = normalized_features(a, p, None, InfoNCEOptions())
+    with pytest.raises(ValueError, match="reduction"):
+        chunked.chunked_scalar_loss(feats, torch.arange(4), 0.0, False, False, "none")

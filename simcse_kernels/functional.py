@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .backends import resolve_backend
-from .ops.chunked import chunked_per_row_loss
+from .ops.chunked import chunked_per_row_loss, chunked_scalar_loss
 from .ops.features import normalized_features
 from .options import InfoNCEOptions, Temperature
 from .reference import reduce_loss, reference_loss
@@ -96,6 +96,9 @@ def info_nce_with_options(
 
         return cuda_info_nce(anchors, positives, negatives, labels, options)
     feats = normalized_features(anchors, positives, negatives, options)
+    if options.reduction != "none":  # gradient formed in the forward pass (3 GEMM-equivalents)
+        return chunked_scalar_loss(feats, labels, options.hard_negative_weight, options.anchor_negatives,
+                                   options.symmetric, options.reduction, options.chunk_budget_mib)
     per_row = chunked_per_row_loss(
         feats, labels, options.hard_negative_weight, options.anchor_negatives, options.symmetric
     )

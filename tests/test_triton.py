@@ -69,7 +69,7 @@ def test_parity_every_option_learnable_tau(option_set, n, d):
 
 @pytest.mark.parametrize("option_set", ["unsup", "hard_neg", "symmetric", "everything"])
 def test_parity_d384_several_k_and_output_blocks(option_set):
-    """N = 129 (not a block multiple), D = 384: several K steps and output-D chunks in the backward."""
+    """N = 129 (not a block multiple), D = 384: several K steps, row and column tiles in the backward."""
     k, opts = split_option_set(option_set, 129)
     a, p, neg = make_inputs(129, 384, k, seed=11, device=DEVICE)
     assert_backend_matches_reference("triton", a, p, neg, tau=_tau(0.05, a.dtype), **opts)
@@ -331,9 +331,10 @@ class Compile:  # stands in for kernel[grid]: compiles the launch instead of run
             compiled.append(self.fn.__name__)
         return launch
 
-for name in ("_inv_norm_kernel", "_fwd_row_kernel", "_fwd_col_kernel", "_bwd_row_kernel", "_bwd_col_kernel",
-             "_norm_bwd_kernel", "_bwd_tile_atomic_kernel"):
+for name in ("_inv_norm_kernel", "_fwd_row_kernel", "_fwd_col_kernel", "_norm_bwd_kernel",
+             "_bwd_tile_atomic_kernel"):
     setattr(triton_loss._k, name, Compile(getattr(triton_loss._k, name)))
+triton_loss._dl._dlogits_chunk_kernel = Compile(triton_loss._dl._dlogits_chunk_kernel)
 n, d = 8, 96
 g = torch.Generator().manual_seed(0)
 a, p, neg = (torch.randn(n, d, generator=g).to(dtype).requires_grad_(True) for _ in range(3))
@@ -346,7 +347,7 @@ print(json.dumps(sorted(set(compiled))))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch,dtype,bwd", [(90, "bfloat16", "two_kernel"), (80, "float16", "two_kernel"),
+@pytest.mark.parametrize("arch,dtype,bwd", [(90, "bfloat16", "chunked"), (80, "float16", "chunked"),
                                             (90, "bfloat16", "atomic")])
 def test_kernels_compile_for_cuda_targets(arch, dtype, bwd, tmp_path):
     """Every kernel launch of the "everything" options lowers to a cubin (no GPU needed).
@@ -367,7 +368,7 @@ def test_kernels_compile_for_cuda_targets(arch, dtype, bwd, tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     compiled = json.loads(proc.stdout.strip().splitlines()[-1])
-    backward = ["_bwd_row_kernel", "_bwd_col_kernel"] if bwd == "two_kernel" else ["_bwd_tile_atomic_kernel"]
+    backward = ["_dlogits_chunk_kernel"] if bwd == "chunked" else ["_bwd_tile_atomic_kernel"]
     assert compiled == sorted(["_inv_norm_kernel", "_fwd_row_kernel", "_fwd_col_kernel", "_norm_bwd_kernel"]
                               + backward)
 

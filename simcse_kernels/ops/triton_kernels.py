@@ -1,9 +1,11 @@
 r"""Triton kernels of the fused InfoNCE family (``@triton.jit`` functions only).
 
 Launch wrappers, block-size heuristics, autotuning and the autograd/custom-op glue live in
-:mod:`simcse_kernels.ops.triton_loss`. The math (logit layout of every option and the gradient
-derivation) is written once in :mod:`simcse_kernels.reference`; the kernels mirror the chunked
-torch backend :mod:`simcse_kernels.ops.chunked` tile by tile.
+:mod:`simcse_kernels.ops.triton_loss`; the default backward's ``∂L/∂s`` kernel is in
+:mod:`simcse_kernels.ops.triton_dlogits` (it reuses :func:`_cos_tile` and :func:`_dlogits`).
+The math (logit layout of every option and the gradient derivation) is written once in
+:mod:`simcse_kernels.reference`; the kernels mirror the chunked torch backend
+:mod:`simcse_kernels.ops.chunked` tile by tile.
 
 Conventions shared by every kernel
 ----------------------------------
@@ -27,7 +29,7 @@ Conventions shared by every kernel
   learnable tau needs no host sync).
 * ``DOT_PREC``: ``input_precision`` of the cosine dots ("ieee", or "tf32" when
   ``torch.backends.cuda.matmul.allow_tf32`` is set; ignored for 16-bit inputs).
-  ``GRAD_DTYPE``/``GRAD_PREC``: operand dtype and precision of the gradient dots
+  ``GRAD_DTYPE``/``GRAD_PREC``: operand dtype and precision of the atomic backward's gradient dots
   (bf16 for bf16 inputs; fp32 with "tf32x3" for fp16 inputs, because ``∂L/∂s`` underflows
   fp16 at large N; the compute dtype with ``DOT_PREC`` otherwise).
 * ``MIXED`` segments (the MixCSE blocks) pair a 16-bit input with an fp32 mixture: both
@@ -247,206 +249,6 @@ def _fwd_col_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, tau_ptr, clse_ptr, N, P, D,
 
 
 @triton.jit
-def _row_grad_segment(acc, dt, x_ptr, rx_ptr, offs_m, mask_m, y_ptr, ry_ptr, n_cols, col_offset,
-                      lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, n_anchor, D, offs_do, mask_do,
-                      PATTERN: tl.constexpr, TARGET: tl.constexpr, SYM: tl.constexpr, MIXED: tl.constexpr,
-                      ACCUM: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-                      GRAD_DTYPE: tl.constexpr, GRAD_PREC: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One column segment of the row-block backward.
-
-    ``acc`` (BLOCK_M, BLOCK_DO) += ``Σ_j ∂L/∂s_ij · ŷ_j / tau`` over columns ``offs_do`` of D
-    (only when ``ACCUM``); ``dt`` (BLOCK_M,) += ``Σ_j ∂L/∂s_ij · cos_ij`` (for ∂L/∂tau).
-    """
-    for j0 in range(0, n_cols, BLOCK_N):
-        offs_n = j0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < n_cols
-        cos = _cos_tile(x_ptr, rx_ptr, offs_m, mask_m, y_ptr, ry_ptr, offs_n, mask_n, D,
-                        ACC_DTYPE, MIXED, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-        if SYM:
-            cw = tl.load(cw_ptr + offs_n, mask=mask_n, other=0.0)
-            clse = tl.load(clse_ptr + offs_n, mask=mask_n, other=0.0)
-        else:
-            cw = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
-            clse = cw
-        ds = _dlogits(cos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, n_anchor, col_offset,
-                      lse, rw, g, labels, cw, clse, PATTERN, TARGET, SYM)
-        dt += tl.sum(ds * cos, axis=1)
-        if ACCUM:
-            ry = tl.load(ry_ptr + offs_n, mask=mask_n, other=0.0)
-            dsc = ds * (ry * inv_tau)[None, :]
-            y = tl.load(y_ptr + offs_n.to(tl.int64)[:, None] * D + offs_do[None, :],
-                        mask=mask_n[:, None] & mask_do[None, :], other=0.0)
-            if MIXED:
-                acc = tl.dot(dsc, y.to(ACC_DTYPE), acc, input_precision=DOT_PREC)
-            else:
-                acc = tl.dot(dsc.to(GRAD_DTYPE), y.to(GRAD_DTYPE), acc, input_precision=GRAD_PREC)
-    return acc, dt
-
-
-@triton.jit
-def _bwd_row_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_ptr, rmix3_ptr, mix4_ptr, rmix4_ptr,
-                    tau_ptr, w_ptr, labels_ptr, lse_ptr, g_ptr, cw_ptr, clse_ptr, da_ptr, dtau_ptr,
-                    N, P, K, D,
-                    HAS_NEG: tl.constexpr, ANCHOR_NEG: tl.constexpr, HAS_MIX: tl.constexpr,
-                    SYMMETRIC: tl.constexpr, NEED_DTAU: tl.constexpr,
-                    ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, MIX_PREC: tl.constexpr,
-                    GRAD_DTYPE: tl.constexpr, GRAD_PREC: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_DO: tl.constexpr):
-    """Backward over anchor row blocks: ``∂L/∂â`` from the anchors' row role, and ``∂L/∂tau`` parts.
-
-    Args (beyond :func:`_fwd_row_kernel`'s inputs):
-        lse_ptr (N,): saved row LSE. g_ptr (N,): upstream ``∂L/∂ℓ_i`` in ``ACC_DTYPE``.
-        cw_ptr, clse_ptr (P,; ``SYMMETRIC``): column weights ``½ Σ_{l_i=j} g_i`` and column LSE.
-        da_ptr (N, D) output ``ACC_DTYPE``: ``∂L/∂â_i`` summed over every block where anchors
-            are the rows (the column role of ``ANCHOR_NEG`` is added by :func:`_bwd_col_kernel`).
-        dtau_ptr (N,) output: ``Σ_j ∂L/∂s_ij · cos_ij`` per row over every block (written by
-            the programs with ``pid_d == 0``; ``NEED_DTAU`` also walks the mix4 block, whose rows
-            get no gradient).
-    Grid: ``(cdiv(N, BLOCK_M), cdiv(D, BLOCK_DO))``; each program owns a (BLOCK_M, BLOCK_DO)
-    output tile and recomputes its rows' logits (full-D dots) from the saved LSE.
-    """
-    pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < N
-    offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    mask_do = offs_do < D
-    inv_tau = 1.0 / tl.load(tau_ptr).to(ACC_DTYPE)
-    w = tl.load(w_ptr).to(ACC_DTYPE)
-    labels = tl.load(labels_ptr + offs_m, mask=mask_m, other=-1)
-    lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
-    g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
-    if SYMMETRIC:
-        rw = 0.5 * g
-    else:
-        rw = g
-    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC_DTYPE)
-    dt = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
-    acc, dt = _row_grad_segment(acc, dt, a_ptr, ra_ptr, offs_m, mask_m, p_ptr, rp_ptr, P, 0,
-                                lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D, offs_do, mask_do,
-                                0, True, SYMMETRIC, False, True, ACC_DTYPE, DOT_PREC, GRAD_DTYPE, GRAD_PREC,
-                                BLOCK_M, BLOCK_N, BLOCK_K)
-    if HAS_NEG:
-        acc, dt = _row_grad_segment(acc, dt, a_ptr, ra_ptr, offs_m, mask_m, neg_ptr, rneg_ptr, K, P,
-                                    lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D, offs_do, mask_do,
-                                    1, True, False, False, True, ACC_DTYPE, DOT_PREC, GRAD_DTYPE, GRAD_PREC,
-                                    BLOCK_M, BLOCK_N, BLOCK_K)
-    if ANCHOR_NEG:
-        acc, dt = _row_grad_segment(acc, dt, a_ptr, ra_ptr, offs_m, mask_m, a_ptr, ra_ptr, N, 0,
-                                    lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D, offs_do, mask_do,
-                                    2, False, False, False, True, ACC_DTYPE, DOT_PREC, GRAD_DTYPE, GRAD_PREC,
-                                    BLOCK_M, BLOCK_N, BLOCK_K)
-    if HAS_MIX:
-        acc, dt = _row_grad_segment(acc, dt, a_ptr, ra_ptr, offs_m, mask_m, mix3_ptr, rmix3_ptr, N, 0,
-                                    lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D, offs_do, mask_do,
-                                    3, False, False, True, True, ACC_DTYPE, MIX_PREC, GRAD_DTYPE, GRAD_PREC,
-                                    BLOCK_M, BLOCK_N, BLOCK_K)
-    tl.store(da_ptr + offs_m.to(tl.int64)[:, None] * D + offs_do[None, :], acc,
-             mask=mask_m[:, None] & mask_do[None, :])
-    if pid_d == 0:
-        if NEED_DTAU:
-            if HAS_MIX:
-                acc, dt = _row_grad_segment(acc, dt, mix4_ptr, rmix4_ptr, offs_m, mask_m, p_ptr, rp_ptr, N, 0,
-                                            lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D,
-                                            offs_do, mask_do, 4, False, False, True, False,
-                                            ACC_DTYPE, MIX_PREC, GRAD_DTYPE, GRAD_PREC,
-                                            BLOCK_M, BLOCK_N, BLOCK_K)
-        tl.store(dtau_ptr + offs_m, dt, mask=mask_m)
-
-
-@triton.jit
-def _col_grad_segment(acc, x_ptr, rx_ptr, n_rows, y_ptr, ry_ptr, offs_n, mask_n, col_offset,
-                      labels_ptr, lse_ptr, g_ptr, cw, clse, inv_tau, w, D, offs_do, mask_do,
-                      PATTERN: tl.constexpr, TARGET: tl.constexpr, SYM: tl.constexpr, MIXED: tl.constexpr,
-                      SYMMETRIC: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-                      GRAD_DTYPE: tl.constexpr, GRAD_PREC: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One row source of the column-block backward.
-
-    ``acc`` (BLOCK_N, BLOCK_DO) += ``Σ_i ∂L/∂s_ij · x̂_i / tau`` for the columns ``offs_n``, looping
-    over all ``n_rows`` rows of ``x`` (anchors, or mix4 for the mix4 block; row i of either is
-    logit row i, so ``lse_ptr``/``g_ptr``/``labels_ptr`` (N,) index the same way).
-    ``SYMMETRIC``: the row weight is g/2; ``SYM``: add the column term (cw, clse: (BLOCK_N,)).
-    """
-    for i0 in range(0, n_rows, BLOCK_M):
-        offs_m = i0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < n_rows
-        labels = tl.load(labels_ptr + offs_m, mask=mask_m, other=-1)
-        lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
-        g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
-        if SYMMETRIC:
-            rw = 0.5 * g
-        else:
-            rw = g
-        cos = _cos_tile(x_ptr, rx_ptr, offs_m, mask_m, y_ptr, ry_ptr, offs_n, mask_n, D,
-                        ACC_DTYPE, MIXED, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-        ds = _dlogits(cos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, n_rows, col_offset,
-                      lse, rw, g, labels, cw, clse, PATTERN, TARGET, SYM)
-        rx = tl.load(rx_ptr + offs_m, mask=mask_m, other=0.0)
-        dsr = ds * (rx * inv_tau)[:, None]
-        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * D + offs_do[None, :],
-                    mask=mask_m[:, None] & mask_do[None, :], other=0.0)
-        if MIXED:
-            acc = tl.dot(tl.trans(dsr), x.to(ACC_DTYPE), acc, input_precision=DOT_PREC)
-        else:
-            acc = tl.dot(tl.trans(dsr.to(GRAD_DTYPE)), x.to(GRAD_DTYPE), acc, input_precision=GRAD_PREC)
-    return acc
-
-
-@triton.jit
-def _bwd_col_kernel(a_ptr, ra_ptr, c_ptr, rc_ptr, mix4_ptr, rmix4_ptr, tau_ptr, w_ptr, labels_ptr, lse_ptr,
-                    g_ptr, cw_ptr, clse_ptr, dc_ptr, N, n_cols, D, col_offset,
-                    PATTERN: tl.constexpr, TARGET: tl.constexpr, SYMMETRIC: tl.constexpr,
-                    SYM_COLS: tl.constexpr, WITH_MIX4: tl.constexpr,
-                    ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, MIX_PREC: tl.constexpr,
-                    GRAD_DTYPE: tl.constexpr, GRAD_PREC: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_DO: tl.constexpr):
-    """Backward over blocks of one candidate segment's columns: ``∂L/∂ĉ_j`` (column role).
-
-    Launched once per segment whose columns get a gradient:
-
-    * positives: ``c_ptr`` = p (P, D), ``PATTERN`` 0, ``TARGET`` (col_offset 0), the symmetric
-      column term ``SYM_COLS`` (= ``SYMMETRIC``; ``SYMMETRIC`` alone halves the row weight),
-      and ``WITH_MIX4`` (MixCSE: the mix4 rows (N, D) also see p).
-    * negatives: ``c_ptr`` = n (K, D), ``PATTERN`` 1, ``TARGET`` with col_offset P.
-    * anchors (``anchor_negatives``): ``c_ptr`` = a (N, D), ``PATTERN`` 2.
-
-    Args: a_ptr (N, D) anchors; ra/rc/rmix4_ptr inverse norms; labels/lse/g_ptr (N,);
-    cw_ptr, clse_ptr (P,) (symmetric, positives only); dc_ptr (n_cols, D) output ``ACC_DTYPE``.
-    Grid: ``(cdiv(n_cols, BLOCK_N), cdiv(D, BLOCK_DO))``.
-    """
-    pid_n = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < n_cols
-    offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    mask_do = offs_do < D
-    inv_tau = 1.0 / tl.load(tau_ptr).to(ACC_DTYPE)
-    w = tl.load(w_ptr).to(ACC_DTYPE)
-    if SYM_COLS:
-        cw = tl.load(cw_ptr + offs_n, mask=mask_n, other=0.0)
-        clse = tl.load(clse_ptr + offs_n, mask=mask_n, other=0.0)
-    else:
-        cw = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
-        clse = cw
-    acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=ACC_DTYPE)
-    acc = _col_grad_segment(acc, a_ptr, ra_ptr, N, c_ptr, rc_ptr, offs_n, mask_n, col_offset,
-                            labels_ptr, lse_ptr, g_ptr, cw, clse, inv_tau, w, D, offs_do, mask_do,
-                            PATTERN, TARGET, SYM_COLS, False, SYMMETRIC, ACC_DTYPE, DOT_PREC,
-                            GRAD_DTYPE, GRAD_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-    if WITH_MIX4:
-        acc = _col_grad_segment(acc, mix4_ptr, rmix4_ptr, N, c_ptr, rc_ptr, offs_n, mask_n, 0,
-                                labels_ptr, lse_ptr, g_ptr, cw, clse, inv_tau, w, D, offs_do, mask_do,
-                                4, False, False, True, SYMMETRIC, ACC_DTYPE, MIX_PREC,
-                                GRAD_DTYPE, GRAD_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-    tl.store(dc_ptr + offs_n.to(tl.int64)[:, None] * D + offs_do[None, :], acc,
-             mask=mask_n[:, None] & mask_do[None, :])
-
-
-@triton.jit
 def _norm_bwd_kernel(x_ptr, r_ptr, g1_ptr, g2_ptr, out_ptr, R, D,
                      HAS_SECOND: tl.constexpr, ACC_DTYPE: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -509,10 +311,12 @@ def _bwd_tile_atomic_kernel(x_ptr, rx_ptr, y_ptr, ry_ptr, tau_ptr, w_ptr, labels
     Args:
         x_ptr (N, D): row features (anchors, or mix4 for the mix4 block); y_ptr (n_cols, D): the
             block's columns; rx/ry_ptr their inverse norms. ``MIXED``: the MixCSE blocks.
-        tau_ptr, w_ptr, labels_ptr, lse_ptr, g_ptr, cw_ptr, clse_ptr: as :func:`_bwd_row_kernel`.
+        tau_ptr, w_ptr: (1,) temperature and hard-negative weight; labels_ptr, lse_ptr, g_ptr (N,):
+            targets, row LSE, ∂L/∂ℓ; cw_ptr, clse_ptr (P,): symmetric column weight and LSE.
         dx_ptr (N, D), dy_ptr (n_cols, D), dtau_ptr (N,): zero-initialised ``ACC_DTYPE`` outputs
             (dx and dy may be the same buffer: the anchor-negatives block).
-        col_offset, PATTERN, TARGET, SYM_COLS: the block (see :func:`_bwd_col_kernel`).
+        col_offset, PATTERN, TARGET, SYM_COLS: the block (global label column of its first column,
+            constant pattern, whether targets live in it, symmetric column term).
     Grid: ``(cdiv(N, BLOCK_M), cdiv(n_cols, BLOCK_N))``.
     """
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -14,24 +14,59 @@ Algorithm
   negatives, anchors, mix3, mix4) with an online max/sum and picks up the target logit; it saves
   the per-row LSE (N,). ``symmetric=True`` adds a second kernel over positive-column blocks for
   the column LSE (P,).
-* Backward: ``∂L/∂s`` is recomputed tile by tile from the saved LSEs and never stored.
-  **Two kernels, no atomics**: one over anchor-row blocks accumulates ``∂L/∂â`` (and the
-  per-row ``Σ ∂L/∂s · cos`` for the temperature), one over candidate-column blocks
-  accumulates ``∂L/∂p̂``, ``∂L/∂n̂`` and the column role of ``∂L/∂â`` (anchor negatives). Each
-  program owns its output tile, so the gradients are deterministic (bit-reproducible run to
-  run), need no zero-initialised fp32 atomic buffers and work unchanged for fp64; the price is
-  one extra recomputation of the logits (3 logit passes in all instead of 2 with atomics).
-  The output feature dimension is split in ``BLOCK_DO`` chunks (grid axis 1) to bound the
-  accumulator, which repeats the logit recomputation once per chunk for D > BLOCK_DO.
-  A last O((N+M)·D) kernel applies the normalization backward
-  ``∂x = r (∂x̂ − x̂ (x̂·∂x̂))`` and writes the gradient in the input dtype.
-  ``SIMCSE_TRITON_BWD=atomic`` selects the alternative: one program per (row block, column
-  block) tile of each logit block recomputes the logits once and atomically adds both
-  gradient products, chunk by chunk of D, into zero-initialised fp32/fp64 buffers — the least
-  logit work (it wins when D is several ``BLOCK_DO`` wide, e.g. D = 768), but nondeterministic.
-  Which one is faster per shape is for the GPU benchmarks to decide.
-* ``∂L/∂tau = −(1/tau²) Σ ∂L/∂s · cos`` is reduced per row in the row kernel (exact, including
-  the mix4 block when tau is learnable) and summed in torch.
+* Backward (default, ``"chunked"``; :func:`backward_mode`): anchor rows are processed in chunks
+  of R rows. For each chunk one Triton kernel
+  (:func:`simcse_kernels.ops.triton_dlogits._dlogits_chunk_kernel`) recomputes the chunk's logit
+  tiles of every block (full-D dots, as the forward) and writes ``∂L/∂s / tau`` as an (R, M_total)
+  buffer in the reference's column order ``[P | K | N anchor-neg | N mix3 | N mix4]``, with every
+  option's epilogue fused (inverse norms, 1/tau, hard-negative weight, MixCSE's constant entries,
+  ``exp(s − lse)``, the target column, the symmetric column term); it also writes per (row, column
+  tile) partial sums of ``∂L/∂s · cos`` for ∂L/∂tau, reduced in torch. Then two GEMMs in torch
+  (cuBLAS on a GPU, fp32 accumulation) on unit-norm copies of the features in the GEMM dtype:
+  ``∂â[chunk] = ds[:, row-role columns] @ [p̂; n̂; â; mix3̂]`` and, block by block,
+  ``∂p̂ += ds[:, P]ᵀ â[chunk]``, ``∂n̂ += ds[:, K]ᵀ â[chunk]``, ``∂â += ds[:, anchor-neg]ᵀ â[chunk]``
+  (the anchor-negatives' column role), ``∂p̂ += ds[:, mix4]ᵀ mix4̂[chunk]`` (the mix4 block's rows
+  are detached mix4, so it has no row GEMM; the mix3 columns are detached, so no column GEMM).
+  The normalization backward ``∂x = r (∂x̂ − x̂ (x̂·∂x̂))`` is the existing O((N+M)·D) kernel.
+  R comes from a memory budget: :func:`simcse_kernels.ops.budget.rows_per_chunk` with
+  ``chunk_budget_mib`` (option, else ``$SIMCSE_KERNELS_CHUNK_MIB``, else 256 MiB), a multiple of
+  the kernel's ``BLOCK_M``; extra memory is O(R·M_total + (N + M)·D), never N·M.
+
+  Cost, in GEMM-equivalents (one similarity GEMM = 2·N·M·D FLOPs, M = every logit column):
+  forward 1 (+1 column-LSE kernel when symmetric), recompute 1, gradient GEMMs ≤ 2 (exactly 2
+  when every column has a row and a column role; MixCSE's detached blocks make it less):
+  **≤ 4 at every D and option, ≤ 5 symmetric** — checked by ``tests/test_gemm_count.py``
+  (:mod:`simcse_kernels.analysis.gemm_count`), which counts every ``tl.dot`` (with the CUDA block
+  sizes) and every torch matmul. No float atomics: each kernel program owns its outputs and the
+  GEMMs accumulate chunk after chunk in a fixed order, so gradients are bitwise reproducible.
+
+  Why this design (and not the alternatives): (a) the previous two-kernel backward (a row-block
+  kernel and a column-block kernel, each splitting D into ``BLOCK_DO`` slices to bound its
+  accumulator) recomputed the logits once per D slice in each kernel: 5 GEMM-eq at D = 128, 15
+  at D = 768, growing with D; it was removed. (b) The one-pass tile kernel with fp32 atomics
+  (``SIMCSE_TRITON_BWD=atomic``, kept as the alternative) does 4 but adds (BLOCK_M + BLOCK_N)·D
+  atomics per tile and is not reproducible. (c) Materializing ``∂L/∂s`` per row chunk costs
+  ~6 bytes per logit (one bf16 store, two loads) against 4·D FLOPs of the two GEMMs: at D = 768
+  ~510 FLOP/byte, above an H100's ridge (~790 TFLOP/s / 3.35 TB/s ≈ 240), so the GEMMs run at
+  cuBLAS speed on tensor cores with no D-sliced recomputation. At D = 128 it is ~85 FLOP/byte:
+  there the ``∂L/∂s`` round trip, not the FLOPs, bounds the time (model, not measured); a kernel
+  whose accumulator spans all of D would avoid it and is not implemented.
+
+  Storage dtype of ``∂L/∂s`` (the GEMM operand dtype): bf16 for bf16 inputs (as flash-attention's
+  backward); **fp16 with one global power-of-two scale** for fp16 inputs: entries are bounded by
+  ``(2 max|g| + max|cw|)/tau``, so ``scale = 2^floor(log2(4096 / bound))`` (computed on the device,
+  no host sync) makes the largest |entry| ≤ 4096 (far from fp16's 65504) while entries ~1/(N·M)
+  stay normal fp16 numbers; the fp32 GEMM results are multiplied by the exact ``1/scale``.
+  fp32/fp64 inputs: their own dtype (fp32 GEMMs use tf32 only when
+  ``torch.backends.cuda.matmul.allow_tf32`` is set, as the kernels' ``DOT_PREC``). On CUDA, 16-bit
+  GEMMs are ``torch.mm``/``torch.addmm`` with ``out_dtype=torch.float32`` (fp32 accumulation into
+  the fp32 gradient buffers); on CPU (interpreter tests only) the operands are upcast to fp32.
+  Inputs that need no gradient skip their GEMMs (and the ``∂L/∂s`` store when only ∂tau is needed).
+* ``SIMCSE_TRITON_BWD=atomic`` selects the alternative backward: one program per (row block,
+  column block) tile of each logit block recomputes the logits once and atomically adds both
+  gradient products, chunk by chunk of D, into zero-initialised fp32/fp64 buffers (4 GEMM-eq,
+  nondeterministic; kept for comparison on GPUs).
+* ``∂L/∂tau = −(1/tau²) Σ ∂L/∂s · cos`` (exact, including the mix4 block when tau is learnable).
 * MixCSE's mixtures ``mix3``/``mix4`` are detached (N, D) tensors built in the compute dtype
   (as :mod:`simcse_kernels.ops.features` does); their blocks upcast the 16-bit operand to fp32.
 
@@ -40,21 +75,23 @@ Block sizes
 Under ``TRITON_INTERPRET=1`` (CPU tests): ``BLOCK_M=BLOCK_N=32, BLOCK_K=128, BLOCK_DO=256``
 (:data:`INTERPRET_BLOCKS`; each interpreted op costs ~0.1 ms, so few big tiles) so that N = 129 /
 D = 384 still cross several row, column, K and output-D blocks; the tests also shrink them to 16.
-On CUDA, heuristics by dtype and D (:func:`block_config`), or a small ``triton.autotune`` set
-keyed on D and the block flags when ``SIMCSE_TRITON_AUTOTUNE=1``:
+``SIMCSE_TRITON_BLOCKS=cuda`` (test-only: the GEMM-count test) makes :func:`block_config` return
+the CUDA heuristics under the interpreter too. On CUDA, heuristics by dtype and D
+(:func:`block_config`), or a small ``triton.autotune`` set keyed on D and the block flags when
+``SIMCSE_TRITON_AUTOTUNE=1`` (forward kernels; the ``∂L/∂s`` kernel uses the heuristics, its grid
+and partial-sum buffer depend on the blocks):
 
-* 16-bit: forward 128 x 64 x 64 (8 warps, 3 stages); backward 64 x 64 x 64 and
-  ``BLOCK_DO = min(128, next_pow2(D))`` (8 warps, 2 stages; ``BLOCK_DO = 256`` spilled
-  registers and needed 160 KiB of shared memory with fp32 operands when compiled for sm_90).
-* fp32: forward 64 x 64 x 32; backward 64 x 32 x 32, ``BLOCK_DO = min(128, next_pow2(D))``
-  (4 warps; with "ieee" these dots run on CUDA cores, not tensor cores).
+* 16-bit: forward and ``∂L/∂s`` kernel 128 x 64 x 64 (8 warps, 3 stages); atomic backward
+  64 x 64 x 64 and ``BLOCK_DO = min(128, next_pow2(D))`` (8 warps, 2 stages).
+* fp32: forward and ``∂L/∂s`` 64 x 64 x 32; atomic backward 64 x 32 x 32,
+  ``BLOCK_DO = min(128, next_pow2(D))`` (4 warps; with "ieee" these dots run on CUDA cores).
 * fp64: 32 x 32 x 16, ``BLOCK_DO = min(64, next_pow2(D))``.
 
 Dot precision: the cosine dots of 16-bit inputs are exact products with fp32 accumulation;
 the MixCSE blocks (16-bit input x fp32 mixture) use ``"tf32x3"`` (fp32-accurate on tensor cores;
-"ieee" on ROCm). Gradient dots: bf16 inputs cast ``∂L/∂s`` to bf16 (as flash-attention does);
-fp16 inputs keep it fp32 with ``"tf32x3"`` (``∂L/∂s ~ g/N`` underflows fp16 at large N);
-fp32/fp64 use the forward's precision.
+"ieee" on ROCm). Gradient GEMMs of the default backward: see "Storage dtype" above. The atomic
+backward's gradient dots: bf16 inputs cast ``∂L/∂s`` to bf16; fp16 inputs keep it fp32 with
+``"tf32x3"``; fp32/fp64 use the forward's precision.
 
 Custom ops
 ----------
@@ -70,6 +107,7 @@ import os
 import torch
 
 from ..reference import mixed_features, reduce_loss
+from .budget import chunk_budget_bytes, rows_per_chunk
 from .features import compute_dtype_for, temperature_tensor
 
 try:  # triton is an optional dependency
@@ -77,11 +115,12 @@ try:  # triton is an optional dependency
     import triton.language as tl
     from triton.runtime.errors import OutOfResources
 
+    from . import triton_dlogits as _dl
     from . import triton_kernels as _k
 
     _TRITON_IMPORT_ERROR: str | None = None
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    triton = tl = _k = None
+    triton = tl = _k = _dl = None
     OutOfResources = RuntimeError
     _TRITON_IMPORT_ERROR = str(exc)
 
@@ -122,13 +161,27 @@ def _next_pow2(x: int) -> int:
 INTERPRET_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, BLOCK_DO=256)
 
 
+def _interpreter_blocks() -> bool:
+    """Interpreter block sizes: interpreting, unless ``SIMCSE_TRITON_BLOCKS=cuda`` (test-only: the
+    GEMM-count test runs the interpreter with the blocks a CUDA device would get)."""
+    return _interpreting() and os.environ.get("SIMCSE_TRITON_BLOCKS", "") != "cuda"
+
+
 def block_config(kind: str, d: int, dtype: torch.dtype) -> dict:
-    """Launch parameters of kernel ``kind`` ("fwd", "bwd", "norm") for dimension ``d``, input ``dtype``."""
+    """Launch parameters of kernel ``kind`` for dimension ``d`` and input ``dtype``.
+
+    ``kind``: "fwd" (forward kernels), "dlogits" (the default backward's ``∂L/∂s`` kernel: the
+    forward's tiles), "bwd" (the atomic backward, with ``BLOCK_DO``) or "norm".
+    """
+    if kind not in ("fwd", "dlogits", "bwd", "norm"):
+        raise ValueError(f"unknown kernel kind {kind!r}")
     if kind == "norm":  # memory-bound: ~8 elements per thread (pointer tensors cost 2 registers each)
-        if _interpreting():
+        if _interpreter_blocks():
             return dict(BLOCK_R=16, BLOCK_D=min(256, max(16, _next_pow2(d))))
         return dict(BLOCK_R=8, BLOCK_D=min(128, max(16, _next_pow2(d))), num_warps=4)
-    if _interpreting():
+    if kind == "dlogits":
+        kind = "fwd"
+    if _interpreter_blocks():
         cfg = dict(INTERPRET_BLOCKS)
         if kind == "fwd":
             cfg.pop("BLOCK_DO")
@@ -171,14 +224,8 @@ def _tuned(name: str):
                                            (64, 64, 32, 4, 4), (32, 32, 16, 4, 2)]]
         key = ["D", "HAS_NEG", "ANCHOR_NEG", "HAS_MIX"] if name == "fwd_row" else ["D"]
     else:
-        configs = [Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, BLOCK_DO=do), num_warps=wp, num_stages=st)
-                   for m, n, k, do, wp, st in [(64, 64, 64, 256, 8, 2), (64, 64, 64, 128, 4, 2),
-                                               (128, 64, 64, 128, 8, 2), (64, 32, 32, 128, 4, 2),
-                                               (32, 32, 16, 64, 4, 2)]]
-        key = (["D", "HAS_NEG", "ANCHOR_NEG", "HAS_MIX", "SYMMETRIC"] if name == "bwd_row"
-               else ["D", "PATTERN", "SYMMETRIC", "SYM_COLS", "WITH_MIX4"])
-    kernel = {"fwd_row": _k._fwd_row_kernel, "fwd_col": _k._fwd_col_kernel,
-              "bwd_row": _k._bwd_row_kernel, "bwd_col": _k._bwd_col_kernel}[name]
+        raise ValueError(f"no autotune set for kernel {name!r}")
+    kernel = {"fwd_row": _k._fwd_row_kernel, "fwd_col": _k._fwd_col_kernel}[name]
     _TUNED[name] = triton.autotune(configs=configs, key=key)(kernel)
     return _TUNED[name]
 
@@ -203,7 +250,7 @@ def _launch(name: str, kernel, grid, d: int, dtype: torch.dtype, **kwargs) -> No
     heuristics target) retry with smaller configs; the kernels only write their outputs, so a
     failed attempt leaves nothing to undo.
     """
-    if _autotune_enabled() and name != "bwd_tile":  # (autotuning would re-run the atomic adds)
+    if _autotune_enabled() and name in ("fwd_row", "fwd_col"):  # (not the atomic adds)
         _tuned(name)[grid](**kwargs)
         return
     cfg = block_config("fwd" if name.startswith("fwd") else "bwd", d, dtype)
@@ -328,7 +375,7 @@ def _forward_impl(anchors, positives, negatives, mix3, mix4, tau, labels, hard_n
 
 def _backward_impl(grad_rows, anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse,
                    hard_negative_weight, anchor_negatives, symmetric, need_anchors, need_positives,
-                   need_negatives, need_dtau):
+                   need_negatives, need_dtau, chunk_budget_mib=None):
     n, d = anchors.shape
     n_pos = positives.shape[0]
     cdt, ptrs, has_neg, has_mix, k, prec = _prepare(anchors, positives, negatives, mix3, mix4, tau,
@@ -339,68 +386,188 @@ def _backward_impl(grad_rows, anchors, positives, negatives, mix3, mix4, tau, la
         cw = torch.zeros(n_pos, device=dev, dtype=cdt).index_add_(0, labels, 0.5 * g)
     else:
         cw = clse = lse  # unused (SYMMETRIC=False)
-    common = dict(tau_ptr=ptrs["tau_ptr"], w_ptr=ptrs["w_ptr"], labels_ptr=labels, lse_ptr=lse, g_ptr=g,
-                  cw_ptr=cw, clse_ptr=clse, **prec)
+    need_negatives = need_negatives and has_neg
     # skipped grads: distinct empty tensors (custom-op outputs may not alias each other)
     d_anc, d_pos, d_neg = (anchors.new_empty((0, d)) for _ in range(3))
     d_tau = torch.zeros((), device=dev, dtype=cdt)
     if backward_mode() == "atomic":
+        common = dict(tau_ptr=ptrs["tau_ptr"], w_ptr=ptrs["w_ptr"], labels_ptr=labels, lse_ptr=lse, g_ptr=g,
+                      cw_ptr=cw, clse_ptr=clse, **prec)
         da_hat, dp_hat, dn_hat, dtau_rows = _backward_atomic(
             anchors, positives, negatives, ptrs, common, n, n_pos, k, d, cdt, has_neg, has_mix,
-            anchor_negatives, symmetric, need_anchors, need_positives, need_negatives and has_neg, need_dtau)
-        if need_anchors:
-            d_anc = _norm_backward(anchors, ptrs["ra_ptr"], da_hat, None)
-        if need_positives:
-            d_pos = _norm_backward(positives, ptrs["rp_ptr"], dp_hat, None)
-        if has_neg and need_negatives:
-            d_neg = _norm_backward(negatives, ptrs["rneg_ptr"], dn_hat, None)
-        if need_dtau:
-            tau_c = tau.detach().to(device=dev, dtype=cdt).reshape(())
-            d_tau = -dtau_rows.sum() / (tau_c * tau_c)
-        return d_anc, d_pos, d_neg, d_tau
-    if not (need_anchors or need_dtau):
-        da_rows = dtau_rows = None
+            anchor_negatives, symmetric, need_anchors, need_positives, need_negatives, need_dtau)
+        da_cols, dtau_sum = None, dtau_rows.sum() if need_dtau else None
     else:
-        da_rows = torch.empty(n, d, device=dev, dtype=cdt)
-        dtau_rows = torch.empty(n, device=dev, dtype=cdt)
-        _launch("bwd_row", _k._bwd_row_kernel, lambda m: (_cdiv(n, m["BLOCK_M"]), _cdiv(d, m["BLOCK_DO"])),
-                d, anchors.dtype, **ptrs,
-                **{k_: v for k_, v in common.items() if k_ not in ("tau_ptr", "w_ptr")},
-                da_ptr=da_rows, dtau_ptr=dtau_rows, N=n, P=n_pos, K=k, D=d,
-                HAS_NEG=has_neg, ANCHOR_NEG=anchor_negatives, HAS_MIX=has_mix, SYMMETRIC=symmetric,
-                NEED_DTAU=need_dtau)
-
-    def column_grads(c, rc, n_cols, col_offset, pattern, target, with_mix4):
-        out = torch.empty(n_cols, d, device=dev, dtype=cdt)
-        _launch("bwd_col", _k._bwd_col_kernel,
-                lambda m: (_cdiv(n_cols, m["BLOCK_N"]), _cdiv(d, m["BLOCK_DO"])), d, anchors.dtype,
-                a_ptr=anchors, ra_ptr=ptrs["ra_ptr"], c_ptr=c, rc_ptr=rc, mix4_ptr=ptrs["mix4_ptr"],
-                rmix4_ptr=ptrs["rmix4_ptr"], **common, dc_ptr=out, N=n, n_cols=n_cols, D=d,
-                col_offset=col_offset, PATTERN=pattern, TARGET=target, SYMMETRIC=symmetric,
-                SYM_COLS=symmetric and pattern == 0, WITH_MIX4=with_mix4)
-        return out
-
-    if need_positives:
-        dp_hat = column_grads(positives, ptrs["rp_ptr"], n_pos, 0, 0, True, has_mix)
-        d_pos = _norm_backward(positives, ptrs["rp_ptr"], dp_hat, None)
-    if has_neg and need_negatives:
-        dn_hat = column_grads(negatives, ptrs["rneg_ptr"], k, n_pos, 1, True, False)
-        d_neg = _norm_backward(negatives, ptrs["rneg_ptr"], dn_hat, None)
+        da_hat, da_cols, dp_hat, dn_hat, dtau_sum = _backward_chunked(
+            g, cw, clse, anchors, positives, negatives, labels, lse, ptrs, prec, cdt, n, n_pos, k, d,
+            has_neg, has_mix, anchor_negatives, symmetric, need_anchors, need_positives, need_negatives,
+            need_dtau, chunk_budget_mib)
     if need_anchors:
-        da_cols = column_grads(anchors, ptrs["ra_ptr"], n, 0, 2, False, False) if anchor_negatives else None
-        d_anc = _norm_backward(anchors, ptrs["ra_ptr"], da_rows, da_cols)
+        d_anc = _norm_backward(anchors, ptrs["ra_ptr"], da_hat, da_cols)
+    if need_positives:
+        d_pos = _norm_backward(positives, ptrs["rp_ptr"], dp_hat, None)
+    if need_negatives:
+        d_neg = _norm_backward(negatives, ptrs["rneg_ptr"], dn_hat, None)
     if need_dtau:
         tau_c = tau.detach().to(device=dev, dtype=cdt).reshape(())
-        d_tau = -dtau_rows.sum() / (tau_c * tau_c)
+        d_tau = -dtau_sum / (tau_c * tau_c)
     return d_anc, d_pos, d_neg, d_tau
 
 
 def backward_mode() -> str:
-    """``"two_kernel"`` (default: deterministic) or ``"atomic"`` (``SIMCSE_TRITON_BWD=atomic``)."""
-    mode = os.environ.get("SIMCSE_TRITON_BWD", "two_kernel")
-    if mode not in ("two_kernel", "atomic"):
-        raise ValueError(f"SIMCSE_TRITON_BWD must be 'two_kernel' or 'atomic', got {mode!r}")
+    """``"chunked"`` (default: ≤ 4 GEMM-equivalents, deterministic) or ``"atomic"``
+    (``SIMCSE_TRITON_BWD=atomic``)."""
+    mode = os.environ.get("SIMCSE_TRITON_BWD", "chunked")
+    if mode not in ("chunked", "atomic"):
+        raise ValueError(f"SIMCSE_TRITON_BWD must be 'chunked' or 'atomic', got {mode!r}")
     return mode
+
+
+#: largest |entry| of the scaled fp16 ``∂L/∂s / tau`` buffer (fp16's largest finite value is 65504)
+FP16_DS_MAX = 4096.0
+
+
+def _ds_storage(dtype: torch.dtype) -> torch.dtype:
+    """Storage (and GEMM operand) dtype of ``∂L/∂s / tau`` for inputs of ``dtype``: the input dtype
+    (fp16 with a global scale, see the module docstring)."""
+    return dtype
+
+
+def _fp16_scale(g: torch.Tensor, cw: torch.Tensor | None, tau: torch.Tensor) -> torch.Tensor:
+    """(1,) power-of-two scale of the fp16 ``∂L/∂s / tau`` buffer (on the device, no host sync).
+
+    ``|∂L/∂s_ij| ≤ |rw_i| + |g_i| + |cw_j| ≤ 2 max|g| + max|cw|``; the scale maps that bound over
+    tau to at most :data:`FP16_DS_MAX`. Args: g (N,), cw (P,) or None, tau 0-dim; compute dtype.
+    """
+    bound = 2.0 * g.abs().max()
+    if cw is not None:
+        bound = bound + cw.abs().max()
+    bound = (bound / tau.reshape(())).clamp_min(torch.finfo(torch.float32).tiny)
+    exponent = torch.floor(torch.log2(FP16_DS_MAX / bound)).clamp(-126.0, 126.0)
+    return torch.exp2(exponent).reshape(1)
+
+
+def _gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """``out = a @ b`` (``accumulate``: ``out += a @ b``) with fp32 (fp64) accumulation.
+
+    Args: out (m, n) fp32/fp64, contiguous (may be a row slice); a (m, k), b (k, n) in the GEMM
+    dtype (strided views allowed). 16-bit operands: ``out_dtype=torch.float32`` on CUDA (cuBLAS
+    accumulates in fp32); on CPU (interpreter tests) they are upcast to fp32 first.
+    """
+    if a.dtype in (torch.float16, torch.bfloat16):
+        if a.is_cuda:
+            if accumulate:
+                torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+            else:
+                torch.mm(a, b, out_dtype=torch.float32, out=out)
+            return
+        a, b = a.float(), b.float()
+    if accumulate:
+        out.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=out)
+
+
+def _backward_chunked(g, cw, clse, anchors, positives, negatives, labels, lse, ptrs, prec, cdt, n, n_pos, k,
+                      d, has_neg, has_mix, anchor_negatives, symmetric, need_a, need_p, need_n, need_dtau,
+                      chunk_budget_mib):
+    """The default backward (module docstring, "Backward"): row chunks of ``∂L/∂s`` and two GEMMs.
+
+    Args: g (N,) ∂L/∂ℓ and cw (P,) symmetric column weights (compute dtype), clse (P,) or unused;
+    features and ``ptrs``/``prec`` as :func:`_prepare` returns them; ``need_*``: which gradients.
+
+    Returns:
+        ``(∂â row role (N, D) or None, ∂â column role (N, D) or None (anchor negatives),
+        ∂p̂ (P, D) or None, ∂n̂ (K, D) or None, Σ ∂L/∂s·cos (0-dim) or None)``, compute dtype.
+    """
+    dev = anchors.device
+    gdt = _ds_storage(anchors.dtype)
+    n_mix = n if has_mix else 0
+    n_an = n if anchor_negatives else 0
+    m_row = n_pos + k + n_an + n_mix  # columns with a row role (all but mix4)
+    m_total = m_row + n_mix
+    c_an = n_pos + k  # first anchor-negative column
+    c_m4 = m_row  # first mix4 column
+    store_ds = need_a or need_p or need_n
+    if not (store_ds or need_dtau):
+        return None, None, None, None, None
+
+    def hat(x, r):  # unit-norm copy in the GEMM dtype (zero rows stay zero)
+        return (x.to(cdt) * r[:, None]).to(gdt)
+
+    a_hat = hat(anchors, ptrs["ra_ptr"]) if store_ds else None
+    c_row = None
+    if need_a:
+        parts = [hat(positives, ptrs["rp_ptr"])]
+        if has_neg:
+            parts.append(hat(negatives, ptrs["rneg_ptr"]))
+        if anchor_negatives:
+            parts.append(a_hat)
+        if has_mix:
+            parts.append(hat(ptrs["mix3_ptr"], ptrs["rmix3_ptr"]))
+        c_row = torch.cat(parts, 0)  # (m_row, D)
+    m4_hat = hat(ptrs["mix4_ptr"], ptrs["rmix4_ptr"]) if (need_p and has_mix) else None
+    da_rows = torch.empty(n, d, device=dev, dtype=cdt) if need_a else None
+    da_cols = torch.zeros(n, d, device=dev, dtype=cdt) if (need_a and anchor_negatives) else None
+    dp_hat = torch.zeros(n_pos, d, device=dev, dtype=cdt) if need_p else None
+    dn_hat = torch.zeros(k, d, device=dev, dtype=cdt) if need_n else None
+
+    scaled = gdt == torch.float16 and store_ds
+    scale = _fp16_scale(g, cw if symmetric else None, ptrs["tau_ptr"]) if scaled else ptrs["tau_ptr"]
+
+    cfg = block_config("dlogits", d, anchors.dtype)
+    budget = chunk_budget_bytes(chunk_budget_mib)
+    elem = torch.empty((), dtype=gdt).element_size()
+    dtau_sum = torch.zeros((), device=dev, dtype=cdt) if need_dtau else None
+    r0 = 0
+    ds_buf = None
+    while r0 < n:
+        rows_cap = rows_per_chunk(n, m_total, elem, budget, multiple=cfg["BLOCK_M"])
+        if store_ds and (ds_buf is None or ds_buf.shape[0] < min(rows_cap, n - r0)):
+            ds_buf = torch.empty(rows_cap, m_total, device=dev, dtype=gdt)
+        r1 = min(n, r0 + rows_cap)
+        rows = r1 - r0
+        bn = cfg["BLOCK_N"]
+        n_tiles = (_cdiv(n_pos, bn) + (_cdiv(k, bn) if has_neg else 0) + _cdiv(n_an, bn)
+                   + 2 * _cdiv(n_mix, bn))
+        dtau_part = torch.empty(rows, n_tiles, device=dev, dtype=cdt) if need_dtau else g
+        try:
+            _dl._dlogits_chunk_kernel[(_cdiv(rows, cfg["BLOCK_M"]), n_tiles)](
+                **{key: ptrs[key] for key in ("a_ptr", "ra_ptr", "p_ptr", "rp_ptr", "neg_ptr", "rneg_ptr",
+                                              "mix3_ptr", "rmix3_ptr", "mix4_ptr", "rmix4_ptr", "tau_ptr",
+                                              "w_ptr")},
+                scale_ptr=scale, labels_ptr=labels, lse_ptr=lse, g_ptr=g, cw_ptr=cw, clse_ptr=clse,
+                ds_ptr=ds_buf if store_ds else g, dtau_ptr=dtau_part, row_start=r0, row_end=r1, N=n, P=n_pos,
+                K=k, D=d, ld_ds=m_total, n_tiles=n_tiles, HAS_NEG=has_neg, ANCHOR_NEG=anchor_negatives,
+                HAS_MIX=has_mix, SYMMETRIC=symmetric, STORE_DS=store_ds, NEED_DTAU=need_dtau, SCALED=scaled,
+                ACC_DTYPE=prec["ACC_DTYPE"], DOT_PREC=prec["DOT_PREC"], MIX_PREC=prec["MIX_PREC"], **cfg)
+        except OutOfResources:  # smaller GPUs: retry this chunk with smaller tiles
+            cfg = _smaller(cfg)
+            if cfg is None:
+                raise
+            continue
+        if need_dtau:
+            dtau_sum = dtau_sum + dtau_part.sum()
+        if store_ds:
+            ds = ds_buf[:rows]
+            if need_a:
+                _gemm(da_rows[r0:r1], ds[:, :m_row], c_row, accumulate=False)
+            a_c = a_hat[r0:r1]
+            if need_p:
+                _gemm(dp_hat, ds[:, :n_pos].T, a_c, accumulate=True)
+                if has_mix:
+                    _gemm(dp_hat, ds[:, c_m4:c_m4 + n].T, m4_hat[r0:r1], accumulate=True)
+            if need_n:
+                _gemm(dn_hat, ds[:, n_pos:n_pos + k].T, a_c, accumulate=True)
+            if need_a and anchor_negatives:
+                _gemm(da_cols, ds[:, c_an:c_an + n].T, a_c, accumulate=True)
+        r0 = r1
+    if scaled:  # undo the exact power-of-two scale of the fp16 buffer
+        inv_scale = (1.0 / scale).reshape(())
+        for buf in (da_rows, da_cols, dp_hat, dn_hat):
+            if buf is not None:
+                buf.mul_(inv_scale)
+    return da_rows, da_cols, dp_hat, dn_hat, dtau_sum
 
 
 def _backward_atomic(anchors, positives, negatives, ptrs, common, n, n_pos, k, d, cdt, has_neg, has_mix,
@@ -495,22 +662,25 @@ def triton_info_nce_bwd(
     need_positives: bool,
     need_negatives: bool,
     need_dtau: bool,
+    chunk_budget_mib: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(∂anchors, ∂positives, ∂negatives, ∂tau)`` from ``grad_rows`` = ∂L/∂ℓ (N,).
 
     Feature grads come in the input dtype; one whose ``need_*`` flag is False (or the negatives'
     when there are none) is an empty (0, D) tensor and costs no kernel. ``∂tau`` is 0-dim in the
     compute dtype (zero unless ``need_dtau``). Other args as the forward, plus its saved ``lse``
-    (N,) and ``clse`` (P,) or (0,).
+    (N,) and ``clse`` (P,) or (0,). ``chunk_budget_mib``: the (R, M) ``∂L/∂s`` chunk budget of the
+    default backward (None: ``$SIMCSE_KERNELS_CHUNK_MIB``, else 256 MiB).
     """
     return _backward_impl(grad_rows, anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse,
                           hard_negative_weight, anchor_negatives, symmetric, need_anchors, need_positives,
-                          need_negatives, need_dtau)
+                          need_negatives, need_dtau, chunk_budget_mib)
 
 
 @triton_info_nce_bwd.register_fake
 def _(grad_rows, anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse, hard_negative_weight,
-      anchor_negatives, symmetric, need_anchors, need_positives, need_negatives, need_dtau):
+      anchor_negatives, symmetric, need_anchors, need_positives, need_negatives, need_dtau,
+      chunk_budget_mib=None):
     cdt = compute_dtype_for(anchors.dtype)
     d = anchors.shape[1]
     d_anc = torch.empty_like(anchors) if need_anchors else anchors.new_empty((0, d))
@@ -523,30 +693,32 @@ def _(grad_rows, anchors, positives, negatives, mix3, mix4, tau, labels, lse, cl
 class TritonInfoNCEFunction(torch.autograd.Function):
     """Per-row InfoNCE losses (N,) in the compute dtype from raw features, via the Triton custom ops.
 
-    ``forward(anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric)``:
-    shapes as :func:`triton_info_nce_fwd`. Gradients flow to anchors, positives, negatives and tau
-    (never to the detached mixtures or labels).
+    ``forward(anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric,
+    chunk_budget_mib=None)``: shapes as :func:`triton_info_nce_fwd`; ``chunk_budget_mib`` as
+    :func:`triton_info_nce_bwd`. Gradients flow to anchors, positives, negatives and tau (never to the
+    detached mixtures or labels).
     """
 
     @staticmethod
-    def forward(ctx, anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric):
+    def forward(ctx, anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric,
+                chunk_budget_mib=None):
         loss, lse, clse = torch.ops.simcse_kernels.triton_info_nce_fwd(
             anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric)
         ctx.save_for_backward(anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse)
-        ctx.options = (w, anchor_negatives, symmetric)
+        ctx.options = (w, anchor_negatives, symmetric, chunk_budget_mib)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse = ctx.saved_tensors
-        w, anchor_negatives, symmetric = ctx.options
+        w, anchor_negatives, symmetric, chunk_budget_mib = ctx.options
         need = ctx.needs_input_grad
         need_neg = need[2] and negatives is not None
         d_anc, d_pos, d_neg, d_tau = torch.ops.simcse_kernels.triton_info_nce_bwd(
             grad_loss.contiguous(), anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse,
-            w, anchor_negatives, symmetric, need[0], need[1], need_neg, need[5])
+            w, anchor_negatives, symmetric, need[0], need[1], need_neg, need[5], chunk_budget_mib)
         return (d_anc if need[0] else None, d_pos if need[1] else None, d_neg if need_neg else None,
-                None, None, d_tau if need[5] else None, None, None, None, None)
+                None, None, d_tau if need[5] else None, None, None, None, None, None)
 
 
 def triton_info_nce(anchors, positives, negatives, labels, options):
@@ -571,5 +743,6 @@ def triton_info_nce(anchors, positives, negatives, labels, options):
     per_row = TritonInfoNCEFunction.apply(
         anchors.contiguous(), positives.contiguous(), None if negatives is None else negatives.contiguous(),
         mix3, mix4, tau, labels.to(torch.int64).contiguous(), float(options.hard_negative_weight),
-        bool(options.anchor_negatives), bool(options.symmetric))
+        bool(options.anchor_negatives), bool(options.symmetric),
+        None if options.chunk_budget_mib is None else float(options.chunk_budget_mib))
     return reduce_loss(per_row, options.reduction)

@@ -1,0 +1,164 @@
+r"""Triton kernel of the default ("chunked") backward: ``∂L/∂s / tau`` for a chunk of anchor rows.
+
+The launcher, the two gradient GEMMs and the reasoning behind the design are in
+:mod:`simcse_kernels.ops.triton_loss` (section "Backward"). This module only holds the kernel; the
+logit helpers (:func:`_cos_tile`, :func:`_dlogits`) are the forward's, imported from
+:mod:`simcse_kernels.ops.triton_kernels`, so the recomputed logits are bit for bit the ones whose
+log-sum-exp the forward saved.
+
+Output layout
+-------------
+One (R, M_total) row-major buffer ``ds`` (leading dimension ``ld_ds = M_total``) holds, for the
+anchor rows ``[row_start, row_end)``, every logit block of the reference's column order::
+
+    [ P positives | K negatives | N anchors (anchor_negatives) | N mix3 | N mix4 ]
+
+(blocks an option does not use are absent). Entry ``(i - row_start, c)`` is
+``scale · ∂L/∂s_ic / tau`` stored in the GEMM dtype, so the gradient GEMMs need no epilogue:
+``∂â_i = Σ_c ds_ic ĉ_c / scale`` and ``∂ĉ_c = Σ_i ds_ic â_i / scale``. The mix4 block's row ``i``
+is the detached ``mix4_i`` (not ``a_i``); its logits are ``cos(mix4_i, p_j)``.
+
+``dtau_ptr`` (R, n_tiles) receives ``Σ_{j in tile} ∂L/∂s_ij · cos_ij`` per (row, column tile):
+``∂L/∂tau = −(1/tau²) Σ`` of it, reduced in torch (a fixed-order reduction: deterministic).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_kernels import _cos_tile, _dlogits
+
+
+@triton.jit
+def _dlogits_segment_tile(x_ptr, rx_ptr, y_ptr, ry_ptr, offs_m, mask_m, tile, tile0, n_cols, col_offset, ds_col0,
+                          lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, scale, n_anchor, D,
+                          ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
+                          PATTERN: tl.constexpr, TARGET: tl.constexpr, SYM: tl.constexpr,
+                          UPCAST: tl.constexpr, STORE_DS: tl.constexpr, NEED_DTAU: tl.constexpr,
+                          SCALED: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) tile of one logit block: recompute, form ``∂L/∂s``, store.
+
+    Args:
+        x_ptr, rx_ptr: (N, D) row features of the block (anchors, or mix4) and inverse norms.
+        y_ptr, ry_ptr: (n_cols, D) column features and inverse norms.
+        offs_m, mask_m: (BLOCK_M,) global anchor rows of the program and their mask.
+        tile: index of this tile among the block's column tiles (columns ``tile · BLOCK_N + ...``).
+        tile0: global index of the block's first column tile (column of ``dtau_ptr``).
+        col_offset: global label column of the block's first column (targets: P + K columns).
+        ds_col0: column of the block's first column in ``ds`` (its offset in M_total).
+        lse, rw, g, labels: (BLOCK_M,) row LSE, softmax weight, upstream grad, target column.
+        cw_ptr, clse_ptr: (P,) symmetric column weight and LSE (read when ``SYM``).
+        inv_tau, w, scale: scalars 1/tau, hard-negative weight, storage scale (``SCALED``).
+        ds_ptr (R, ld_ds), dtau_ptr (R, n_tiles): outputs (rows relative to ``row_start``).
+    """
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_cols
+    cos = _cos_tile(x_ptr, rx_ptr, offs_m, mask_m, y_ptr, ry_ptr, offs_n, mask_n, D,
+                    ACC_DTYPE, UPCAST, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    if SYM:
+        cw = tl.load(cw_ptr + offs_n, mask=mask_n, other=0.0)
+        clse = tl.load(clse_ptr + offs_n, mask=mask_n, other=0.0)
+    else:
+        cw = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+        clse = cw
+    ds = _dlogits(cos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, n_anchor, col_offset,
+                  lse, rw, g, labels, cw, clse, PATTERN, TARGET, SYM)
+    local = (offs_m - row_start).to(tl.int64)
+    if NEED_DTAU:
+        tl.store(dtau_ptr + local * n_tiles + (tile0 + tile), tl.sum(ds * cos, axis=1), mask=mask_m)
+    if STORE_DS:
+        out = ds * inv_tau
+        if SCALED:
+            out = out * scale
+        tl.store(ds_ptr + local[:, None] * ld_ds + (ds_col0 + offs_n)[None, :],
+                 out.to(ds_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _dlogits_chunk_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_ptr, rmix3_ptr, mix4_ptr,
+                          rmix4_ptr, tau_ptr, w_ptr, scale_ptr, labels_ptr, lse_ptr, g_ptr, cw_ptr, clse_ptr,
+                          ds_ptr, dtau_ptr, row_start, row_end, N, P, K, D, ld_ds, n_tiles,
+                          HAS_NEG: tl.constexpr, ANCHOR_NEG: tl.constexpr, HAS_MIX: tl.constexpr,
+                          SYMMETRIC: tl.constexpr, STORE_DS: tl.constexpr, NEED_DTAU: tl.constexpr,
+                          SCALED: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                          MIX_PREC: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``∂L/∂s / tau`` (times ``scale``) of anchor rows ``[row_start, row_end)`` for every logit block.
+
+    Args:
+        a_ptr (N, D), p_ptr (P, D), neg_ptr (K, D; ``HAS_NEG``): raw features, input dtype.
+        mix3_ptr, mix4_ptr (N, D; ``HAS_MIX``): detached raw MixCSE mixtures, ``ACC_DTYPE``.
+        ra/rp/rneg/rmix3/rmix4_ptr: matching (rows,) inverse norms, ``ACC_DTYPE``.
+        tau_ptr, w_ptr, scale_ptr: (1,) temperature, hard-negative weight, storage scale
+            (read when ``SCALED``: fp16 storage), ``ACC_DTYPE``.
+        labels_ptr (N,) int64, lse_ptr (N,), g_ptr (N,): targets, forward row LSE, ∂L/∂ℓ.
+        cw_ptr, clse_ptr (P,): symmetric column weight ``½ Σ_{l_i = j} g_i`` and column LSE.
+        ds_ptr (R, ld_ds): output in the GEMM dtype, row ``i - row_start`` (``STORE_DS``).
+        dtau_ptr (R, n_tiles): per (row, column tile) ``Σ ∂L/∂s · cos`` in ``ACC_DTYPE``
+            (``NEED_DTAU``).
+        row_start, row_end: the chunk's anchor rows; N, P, K, D: sizes; ld_ds: M_total.
+        n_tiles: column tiles of all blocks (``cdiv(P, BLOCK_N) + cdiv(K, BLOCK_N) + ...``).
+    Grid: ``(cdiv(row_end - row_start, BLOCK_M), n_tiles)``; program (i, t) computes column tile
+    t of the concatenated blocks (each block padded to whole tiles), a single branch per program.
+    """
+    pid_n = tl.program_id(1)
+    offs_m = row_start + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < row_end
+    inv_tau = 1.0 / tl.load(tau_ptr).to(ACC_DTYPE)
+    w = tl.load(w_ptr).to(ACC_DTYPE)
+    if SCALED:
+        scale = tl.load(scale_ptr).to(ACC_DTYPE)
+    else:
+        scale = inv_tau  # unused
+    labels = tl.load(labels_ptr + offs_m, mask=mask_m, other=-1)
+    lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
+    g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
+    if SYMMETRIC:
+        rw = 0.5 * g
+    else:
+        rw = g
+    t0 = tl.cdiv(P, BLOCK_N)
+    if pid_n < t0:
+        _dlogits_segment_tile(a_ptr, ra_ptr, p_ptr, rp_ptr, offs_m, mask_m, pid_n, 0, P, 0, 0,
+                              lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, scale, N, D,
+                              ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
+                              0, True, SYMMETRIC, False, STORE_DS, NEED_DTAU, SCALED, ACC_DTYPE, DOT_PREC,
+                              BLOCK_M, BLOCK_N, BLOCK_K)
+    c0 = P
+    if HAS_NEG:
+        t1 = t0 + tl.cdiv(K, BLOCK_N)
+        if (pid_n >= t0) & (pid_n < t1):
+            _dlogits_segment_tile(a_ptr, ra_ptr, neg_ptr, rneg_ptr, offs_m, mask_m, pid_n - t0, t0, K, P, c0,
+                                  lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, scale, N, D,
+                                  ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
+                                  1, True, False, False, STORE_DS, NEED_DTAU, SCALED, ACC_DTYPE, DOT_PREC,
+                                  BLOCK_M, BLOCK_N, BLOCK_K)
+        t0 = t1
+        c0 += K
+    if ANCHOR_NEG:
+        t1 = t0 + tl.cdiv(N, BLOCK_N)
+        if (pid_n >= t0) & (pid_n < t1):
+            _dlogits_segment_tile(a_ptr, ra_ptr, a_ptr, ra_ptr, offs_m, mask_m, pid_n - t0, t0, N, 0, c0,
+                                  lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, scale, N, D,
+                                  ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
+                                  2, False, False, False, STORE_DS, NEED_DTAU, SCALED, ACC_DTYPE, DOT_PREC,
+                                  BLOCK_M, BLOCK_N, BLOCK_K)
+        t0 = t1
+        c0 += N
+    if HAS_MIX:
+        t1 = t0 + tl.cdiv(N, BLOCK_N)
+        if (pid_n >= t0) & (pid_n < t1):
+            _dlogits_segment_tile(a_ptr, ra_ptr, mix3_ptr, rmix3_ptr, offs_m, mask_m, pid_n - t0, t0, N, 0, c0,
+                                  lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, scale, N, D,
+                                  ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
+                                  3, False, False, True, STORE_DS, NEED_DTAU, SCALED, ACC_DTYPE, MIX_PREC,
+                                  BLOCK_M, BLOCK_N, BLOCK_K)
+        t2 = t1 + tl.cdiv(N, BLOCK_N)
+        if (pid_n >= t1) & (pid_n < t2):
+            _dlogits_segment_tile(mix4_ptr, rmix4_ptr, p_ptr, rp_ptr, offs_m, mask_m, pid_n - t1, t1, N, 0,
+                                  c0 + N, lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, scale, N, D,
+                                  ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
+                                  4, False, False, True, STORE_DS, NEED_DTAU, SCALED, ACC_DTYPE, MIX_PREC,
+                                  BLOCK_M, BLOCK_N, BLOCK_K)

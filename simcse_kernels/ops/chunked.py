@@ -381,16 +381,19 @@ class RowChunkedInfoNCEFunction(torch.autograd.Function):
         factor = grads["scale"] / tau
         d_a = d_p = d_n = None
         d_c = grads["dC"]
+        # in place: the accumulators are this function's own buffers
         if need_a:
             d_a = grads["dA"]
             if anchor_negatives:
-                d_a = d_a + d_c[n_pos + n_neg:]
-            d_a = d_a * factor
+                d_a.add_(d_c[n_pos + n_neg:])
+            d_a.mul_(factor)
         if need_p:
-            d_p = d_c[:n_pos] if grads["dPmix"] is None else d_c[:n_pos] + grads["dPmix"]
-            d_p = d_p * factor
+            d_p = d_c[:n_pos]
+            if grads["dPmix"] is not None:
+                d_p.add_(grads["dPmix"])
+            d_p.mul_(factor)
         if need_n:
-            d_n = d_c[n_pos:n_pos + n_neg] * factor
+            d_n = d_c[n_pos:n_pos + n_neg].mul_(factor)
         d_tau = grads.get("dtau") if need_tau else None
         ctx.save_for_backward(*(x if x is not None else torch.empty(0) for x in (d_a, d_p, d_n, d_tau)))
         ctx.present = (d_a is not None, d_p is not None, d_n is not None, d_tau is not None)

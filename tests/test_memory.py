@@ -20,9 +20,12 @@ def run_probe(backend: str, n: int, dim: int) -> dict:
 
 @pytest.mark.slow
 def test_chunked_peak_memory_far_below_full_matrix():
+    """>= 10x below the naive loss: its forward+backward holds at least three fp32 N x N matrices at
+    once (the saved log-softmax, the dense gradient of the NLL and the log-softmax backward's output)."""
     n, dim = 16384, 256
     full_matrix_mb = n * n * 4 / 2**20  # one fp32 N x N matrix: 1024 MiB
     result = run_probe("torch", n, dim)
-    # inputs + grads + normalized copies are ~100 MiB; chunks are 16384 x 128 fp32 (8 MiB) each
-    assert result["extra_peak_mb"] < 400, result
-    assert result["extra_peak_mb"] < full_matrix_mb / 2.5, result
+    # gradients, normalized and 1/tau-scaled copies and the saved gradients are ~12 (N, D) fp32
+    # matrices (~190 MiB); the row chunk is 512 x 16384 fp32 (32 MiB). Measured: 204 MiB.
+    assert result["extra_peak_mb"] < 300, result
+    assert result["extra_peak_mb"] < 3 * full_matrix_mb / 10, result

@@ -9,6 +9,7 @@ from .ops.chunked import chunked_per_row_loss, chunked_scalar_loss
 from .ops.features import normalized_features
 from .options import InfoNCEOptions, Temperature
 from .reference import reduce_loss, reference_loss
+from .selfcheck import checked_backend
 from .validation import validate_inputs
 
 
@@ -87,6 +88,9 @@ def info_nce_with_options(
     backend = resolve_backend(options.backend, anchors.device, _n_logits(anchors, positives, negatives, options))
     if backend == "naive":
         return reference_loss(anchors, positives, negatives, labels, options)
+    if backend in ("triton", "cuda"):  # first use of this option set: compare with "torch" (selfcheck.py)
+        backend = checked_backend(backend, options.backend != "auto", anchors, positives, negatives, labels,
+                                  options)
     if backend == "triton":
         from .ops.triton_loss import triton_info_nce
 

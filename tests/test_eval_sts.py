@@ -90,6 +90,7 @@ def test_train_and_eval_cli_end_to_end(data_dir, tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(WORDS * 2) + "\n")
     out = tmp_path / "run"
+    capsys.readouterr()  # drop build_tiny_bert's own save_pretrained output
     assert train_main(["--model", str(model_dir), "--train_file", str(corpus), "--output_dir", str(out),
                        "--batch_size", "4", "--max_steps", "4", "--eval_every", "2", "--eval_before",
                        "--data_dir", str(data_dir), "--pooler", "cls", "--mlp_only_train",
@@ -102,12 +103,21 @@ def test_train_and_eval_cli_end_to_end(data_dir, tmp_path, capsys):
     res = json.loads(res_file.read_text())
     assert set(res) == {*sts_eval.TASKS, "avg", "alignment", "uniformity"}
     assert res["avg"] == pytest.approx(sum(res[t] for t in sts_eval.TASKS) / 7)
-    assert "STS-B dev Spearman after training" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0] == "pooler: cls (from --pooler)"  # simcse-train
+    assert "pooler: cls (from the model's simcse_config.json)" in lines  # simcse-eval of final/
+    dev = {r["step"]: r["stsb_dev_spearman"] for r in recs if "stsb_dev_spearman" in r}
+    best = {r["step"]: r["best"] for r in recs if "best" in r}
+    for step in (2, 4):  # each evaluation is one console line (tqdm.write), as in metrics.jsonl
+        assert f"step {step}: STS-B dev Spearman {dev[step]:.2f} (best {best[step]:.2f})" in lines
+    assert "STS-B dev Spearman after training" in captured.out
+    assert "Writing model shards" not in captured.err  # transformers' save bars are silenced
 
 
-def test_missing_data_dir_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="no sts/ folder"):
-        eval_main(["--model", "x", "--data_dir", str(tmp_path / "absent")])
+def test_missing_data_dir_is_a_clear_error(tmp_path, capsys):
+    assert eval_main(["--model", "x", "--data_dir", str(tmp_path / "absent")]) == 2
+    assert capsys.readouterr().err.strip() == f"simcse-eval: error: --data_dir {tmp_path / 'absent'}: no sts/ folder there"
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "sts").is_dir(), reason="shared/data beside the repo is absent")

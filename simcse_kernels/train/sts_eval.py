@@ -134,13 +134,46 @@ def alignment_uniformity(encode: Encode, pairs: Pairs, threshold: float = 4.0) -
     return {"alignment": float(align), "uniformity": float(uniform)}
 
 
+def load_eval_data(data_dir: str | Path, tasks=TASKS, align_uniform: bool = True) -> dict[str, Pairs]:
+    """Read every file :func:`evaluate_loaded` needs (so a missing one is found before a model loads).
+
+    Args:
+        data_dir: folder with ``sts/`` and ``sick/``.
+        tasks: names from :data:`TASKS`.
+        align_uniform: also read STS-B dev (key ``"stsb_dev"``).
+
+    Returns:
+        ``{task: (sents1, sents2, gold)}`` (+ ``"stsb_dev"``).
+
+    Raises:
+        UsageError: a missing or unreadable file (named), or an unknown task.
+    """
+    from .errors import UsageError
+
+    data = {}
+    for name in (*tasks, *(["stsb_dev"] if align_uniform else [])):
+        try:
+            data[name] = load_stsb(data_dir, "dev") if name == "stsb_dev" else load_task(data_dir, name)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--data_dir {data_dir}: {name}: {exc}") from None
+        if not data[name][2]:
+            raise UsageError(f"--data_dir {data_dir}: {name}: no scored pairs found")
+    return data
+
+
+def evaluate_loaded(encode: Encode, data: dict[str, Pairs], tasks=TASKS, align_uniform: bool = True
+                    ) -> dict[str, float]:
+    """:func:`evaluate_all` on what :func:`load_eval_data` returned."""
+    results = {task: eval_pairs(encode, data[task]) for task in tasks}
+    results["avg"] = sum(results[t] for t in tasks) / len(tasks)
+    if align_uniform:
+        results.update(alignment_uniformity(encode, data["stsb_dev"]))
+    return results
+
+
 def evaluate_all(encode: Encode, data_dir: str | Path, tasks=TASKS, align_uniform: bool = True) -> dict[str, float]:
     """Spearman x 100 of every task in ``tasks`` + ``avg`` (their mean) [+ alignment/uniformity on STS-B dev].
 
-    Tasks whose files are missing raise ``FileNotFoundError`` (a partial average would mislead).
+    Tasks whose files are missing raise :class:`~.errors.UsageError` (a partial average would mislead).
     """
-    results = {task: eval_pairs(encode, load_task(data_dir, task)) for task in tasks}
-    results["avg"] = sum(results[t] for t in tasks) / len(tasks)
-    if align_uniform:
-        results.update(alignment_uniformity(encode, load_stsb(data_dir, "dev")))
-    return results
+    return evaluate_loaded(encode, load_eval_data(data_dir, tasks, align_uniform), tasks, align_uniform)

@@ -24,13 +24,16 @@ import torch
 
 from ..module import FusedInfoNCE
 from . import checkpoint as ckpt
-from .data import TOKEN_KEYS, BatchOrder, Collator, read_examples, split_batch
+from .data import TOKEN_KEYS, BatchOrder, Collator, check_enough_examples, read_examples, split_batch
 from .distributed import average_gradients, init_from_env, is_distributed, mean_over_ranks, rank_and_world
+from .errors import UsageError
 from .grad_cache import cuda_devices_of, grad_cache_backward
-from .model import SimCSEModel, resolve_model_path
+from .model import SimCSEModel, check_model, resolve_pooler
 from .objective import contrastive_loss
+from .pooling import POOLERS
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+BACKEND_NAMES = ("auto", "naive", "torch", "triton", "cuda")
 
 
 @dataclass
@@ -40,7 +43,7 @@ class TrainConfig:
     model: str
     train_file: str
     output_dir: str
-    pooler: str = "cls"
+    pooler: str | None = None
     mlp_only_train: bool = False
     max_length: int = 32
     batch_size: int = 64
@@ -74,6 +77,70 @@ class TrainConfig:
     progress: bool = True
     threads: int | None = None
 
+    def validate(self) -> None:
+        """Check every option's value (cheap, no model or data touched).
+
+        Raises:
+            UsageError: the first bad option, named by its flag (``--batch_size must be ...``).
+        """
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise UsageError(f"--{name} must be {what}, got {getattr(self, name)!r}")
+
+        def finite(name: str) -> bool:
+            v = getattr(self, name)
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        def integer(name: str, lo: int, optional: bool = False) -> None:
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= lo
+            need(ok, name, f"an integer >= {lo}" + (" (or none)" if optional else ""))
+
+        for name in ("model", "train_file", "output_dir"):
+            need(isinstance(getattr(self, name), str) and bool(getattr(self, name).strip()), name, "a non-empty string")
+        if self.pooler is not None and self.pooler not in POOLERS:
+            raise UsageError(f"--pooler must be one of {', '.join(POOLERS)}, got {self.pooler!r}")
+        for name in ("max_length", "batch_size", "log_every", "keep_checkpoints", "eval_max_length"):
+            integer(name, 1)
+        for name in ("grad_cache_chunk", "max_steps", "save_every", "eval_every", "threads"):
+            integer(name, 1, optional=True)
+        integer("warmup_steps", 0)
+        integer("seed", 0)
+        need(self.seed < 2**32, "seed", "below 2**32")
+        need(finite("epochs") and self.epochs > 0, "epochs", "a positive number")
+        need(finite("lr") and self.lr > 0, "lr", "a positive number")
+        need(finite("weight_decay") and self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        need(self.max_grad_norm is None or (finite("max_grad_norm") and self.max_grad_norm > 0), "max_grad_norm",
+             "a positive number (or none)")
+        need(finite("temperature") and self.temperature > 0, "temperature", "a positive finite number")
+        need(finite("hard_negative_weight"), "hard_negative_weight", "a finite number")
+        need(self.mix_lambda is None or (finite("mix_lambda") and 0 <= self.mix_lambda <= 1), "mix_lambda",
+             "a number in [0, 1] (or none)")
+        need(finite("mlm_weight") and self.mlm_weight >= 0, "mlm_weight", "a number >= 0")
+        need(finite("mlm_probability") and 0 < self.mlm_probability < 1, "mlm_probability", "a number in (0, 1)")
+        need(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}")
+        need(self.backend in BACKEND_NAMES, "backend", f"one of {', '.join(BACKEND_NAMES)}")
+        try:
+            device = torch.device(self.device) if self.device != "auto" else None
+        except (RuntimeError, ValueError):
+            raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}") from None
+        if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {self.device}: no CUDA device is available")
+        if self.backend != "auto":
+            from ..backends import unavailable_reason
+
+            reason = unavailable_reason(self.backend, self.resolved_device())
+            if reason is not None:
+                raise UsageError(f"--backend {self.backend}: unavailable on {self.resolved_device()}: {reason}")
+
+    def resolved_device(self) -> torch.device:
+        """``device`` with ``auto`` resolved (CUDA if available, else CPU)."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
 
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
     """LR multiplier: 0 -> 1 over ``warmup`` steps, then linearly 1 -> 0 at ``total``."""
@@ -89,27 +156,43 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 class Trainer:
-    """Holds the model, data, optimizer and state of one run; :meth:`fit` trains (see :func:`train`)."""
+    """Holds the model, data, optimizer and state of one run; :meth:`fit` trains (see :func:`train`).
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    Args:
+        cfg: the options (checked with :meth:`TrainConfig.validate`; ``pooler=None`` is resolved with
+            :func:`~.model.resolve_pooler`, default ``cls``, and printed).
+        examples: the training examples if already read (``simcse-train`` reads and checks them before
+            any model loads); default: read ``cfg.train_file``.
+
+    ``output_dir`` is created only once the options, data and model have loaded.
+    """
+
+    def __init__(self, cfg: TrainConfig, examples: list[tuple[str, ...]] | None = None) -> None:
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        cfg.validate()
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        dev = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.device = init_from_env(dev)
+        self.device = init_from_env(str(cfg.resolved_device()))
         self.rank, self.world = rank_and_world()
         if cfg.batch_size % self.world:
-            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by world size {self.world}")
+            raise UsageError(f"--batch_size {cfg.batch_size} is not divisible by the world size {self.world}")
         self.out = Path(cfg.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.out.exists() and not self.out.is_dir():
+            raise UsageError(f"--output_dir {self.out}: exists and is not a folder")
+        self.examples = examples if examples is not None else read_examples(cfg.train_file)
+        check_enough_examples(self.examples, cfg.batch_size, cfg.train_file)
+        path = check_model(cfg.model)
+        if cfg.pooler is None:
+            cfg.pooler, source, notes = resolve_pooler(cfg.model, None, default="cls")
+            if self.rank == 0:
+                print("\n".join([*notes, f"pooler: {cfg.pooler} ({source})"]), flush=True)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # same MLP init on every rank
-        path = resolve_model_path(cfg.model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         loss_fn = FusedInfoNCE(temperature=cfg.temperature, hard_negative_weight=cfg.hard_negative_weight,
                                symmetric=cfg.symmetric, mix_lambda=cfg.mix_lambda, backend=cfg.backend,
@@ -117,7 +200,6 @@ class Trainer:
         self.model = SimCSEModel.from_pretrained(path, pooler=cfg.pooler, mlp_only_train=cfg.mlp_only_train,
                                                  do_mlm=cfg.do_mlm, loss_fn=loss_fn).to(self.device)
         torch.manual_seed(cfg.seed + self.rank)  # distinct dropout per rank
-        self.examples = read_examples(cfg.train_file)
         self.order = BatchOrder(len(self.examples), cfg.batch_size, cfg.seed)
         self.collate = Collator(self.tokenizer, cfg.max_length, cfg.mlm_probability if cfg.do_mlm else None)
         self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * self.order.batches_per_epoch))
@@ -131,6 +213,7 @@ class Trainer:
         self.amp_dtype = PRECISIONS[cfg.precision]
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         self.step, self.best = 0, None
+        self.out.mkdir(parents=True, exist_ok=True)  # only now: nothing is left behind by a failed start
         self.metrics_path = self.out / "metrics.jsonl"
         self._dev_pairs = None
         self.last_dev: float | None = None
@@ -263,6 +346,9 @@ class Trainer:
                 self.best = score
                 ckpt.export_model(self.model, self.tokenizer, self.out / "best", self.cfg.eval_max_length)
             self.log({"step": self.step, "stsb_dev_spearman": score, "best": self.best})
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"step {self.step}: STS-B dev Spearman {score:.2f} (best {self.best:.2f})")
         if is_distributed():
             best = torch.tensor([self.best if self.best is not None else -math.inf], dtype=torch.float64)
             torch.distributed.broadcast(best, 0)
@@ -292,7 +378,7 @@ class Trainer:
         while self.step < self.total_steps:
             rec = self.train_step()
             bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", ex_s=f"{rec['examples_per_s']:.0f}")
+            bar.set_postfix(loss=f"{rec['loss']:.3g}", ex_s=f"{rec['examples_per_s']:.0f}")
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 self.log(rec)
             if evaluating and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
@@ -313,8 +399,10 @@ class Trainer:
         return summary
 
 
-def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> dict:
-    """Build a :class:`Trainer`, resume from the newest checkpoint in ``output_dir`` if any, and fit."""
-    trainer = Trainer(cfg)
+def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
+          examples: list[tuple[str, ...]] | None = None) -> dict:
+    """Build a :class:`Trainer` (``examples``: see there), resume from the newest checkpoint in
+    ``output_dir`` if any, and fit."""
+    trainer = Trainer(cfg, examples)
     trainer.maybe_resume()
     return trainer.fit(on_step)

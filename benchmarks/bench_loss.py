@@ -367,9 +367,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         out.append("")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["dtype"], r["mode"], r["pass"]), []).append(r)
-    for (dname, mode, pass_), grp in groups.items():
-        out += [f"## {dname} {mode} {pass_}", "",
+        groups.setdefault((r["dtype"], r["mode"], r["pass"], r["d"]), []).append(r)
+    for (dname, mode, pass_, d), grp in groups.items():
+        out += [f"## {dname} {mode} {pass_} D={d}", "",
                 "| N | provider | status | median ms [IQR] | extra MiB | TFLOP/s | speed-up vs naive | mem vs naive | loss |",
                 "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in grp:

@@ -397,5 +397,7 @@ def estimated_bytes(name: str, mode: str, pass_: str, n: int, d: int, elem: int)
         return feats + logits * d * max(elem, 4) * (8 if bwd else 4) + logits * 4 * 4
     if name == "st_cmnrl":
         return feats + CMNRL_MINI_BATCH * m * (elem + 4) * 6
-    # fused (ours, Inf-CL): O((N + M) D) plus a bounded tile of logits (torch backend: ~2M per chunk)
+    if name == "torch":  # row chunks of at most 512 full rows on CPU (256 MiB budget elsewhere)
+        return feats + min(n, 512) * m * 4 * 2 + n * 4 * 8
+    # fused (Triton, CUDA, Inf-CL): O((N + M) D) plus a bounded tile of logits
     return feats + min(logits, 1 << 21) * 4 * 6 + n * 4 * 8

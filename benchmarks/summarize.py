@@ -24,13 +24,13 @@ SHORT = {"OOM": "OOM", "n/a": "n/a", "skip": "skip", "error": "ERR"}
 def headline(rows: list[dict]) -> list[str]:
     """Text lines: one header, then one line per (dtype, mode, pass, N)."""
     names = [p for p in P.ALL_PROVIDERS if any(r["provider"] == p for r in rows)]
-    head = f"{'dtype':<5} {'mode':<9} {'pass':<6} {'N':>7} | " + " ".join(f"{n:>10}" for n in names)
+    head = f"{'dtype':<5} {'mode':<9} {'pass':<6} {'N':>7} {'D':>5} | " + " ".join(f"{n:>10}" for n in names)
     head += " | ours/naive ours/bestbase  TFLOP/s"
     lines = [head, "-" * len(head)]
     groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
-        groups.setdefault((r["dtype"], r["mode"], r["pass"], r["n"]), {})[r["provider"]] = r
-    for (dname, mode, pass_, n), grp in groups.items():
+        groups.setdefault((r["dtype"], r["mode"], r["pass"], r["n"], r["d"]), {})[r["provider"]] = r
+    for (dname, mode, pass_, n, d), grp in groups.items():
         cells = []
         for name in names:
             r = grp.get(name)
@@ -53,7 +53,7 @@ def headline(rows: list[dict]) -> list[str]:
             else:
                 vs_base = "no baseline ran"
             tail = f" | {vs_naive:>10} {vs_base:>13} {best.get('tflops') or 0:8.3g} ({best['provider']})"
-        lines.append(f"{dname:<5} {mode:<9} {pass_:<6} {n:>7} | " + " ".join(cells) + tail)
+        lines.append(f"{dname:<5} {mode:<9} {pass_:<6} {n:>7} {d:>5} | " + " ".join(cells) + tail)
     return lines
 
 

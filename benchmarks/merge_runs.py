@@ -1,0 +1,87 @@
+"""Merge several ``bench_loss.json`` runs (e.g. one fresh process per (D, N) group) into one result.
+
+    python benchmarks/merge_runs.py runs/*/bench_loss.json --out benchmarks/results/cpu
+
+Writes ``bench_loss.{csv,json,md}`` under ``--out`` (rows of every run in order, ``meta.runs`` =
+each run's own meta) and, unless ``--no-summary``, ``SUMMARY.md`` via ``summarize.py``. When
+:mod:`simcse_kernels.analysis.gemm_count` exists, each ``ours`` row also gets ``gemm_equiv_counted``:
+the GEMM-equivalents one forward+backward of that backend actually performs (counted on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_loss  # noqa: E402
+
+
+def merge(paths: list[Path]) -> tuple[list[dict], dict]:
+    """Rows of every run (in order) and a merged meta (the first run's, with ``runs`` = all metas).
+
+    Args:
+        paths: ``bench_loss.json`` files.
+    """
+    rows, metas = [], []
+    for path in paths:
+        data = json.loads(path.read_text())
+        rows += data["rows"]
+        metas.append(dict(data["meta"], source=str(path)))
+    if not metas:
+        raise SystemExit("no runs to merge")
+    meta = dict(metas[0])
+    meta["runs"] = metas
+    meta["args"] = dict(metas[0]["args"], dim="/".join(sorted({str(m["args"]["dim"]) for m in metas})))
+    meta["providers"] = sorted({p for m in metas for p in m["providers"]})
+    meta["wall_s"] = round(sum(m.get("wall_s", 0.0) for m in metas), 1)
+    return rows, meta
+
+
+def add_gemm_counts(rows: list[dict]) -> str | None:
+    """``gemm_equiv_counted`` on rows of ours, from ``simcse_kernels.analysis.gemm_count`` if present.
+
+    Returns a note for the meta (what was counted, or why not).
+    """
+    try:
+        from simcse_kernels.analysis import gemm_count  # noqa: F401
+    except ImportError:
+        return "simcse_kernels.analysis.gemm_count not available: GEMM-equivalents not counted"
+    counter = getattr(gemm_count, "benchmark_gemm_equivalents", None)
+    if counter is None:
+        return "simcse_kernels.analysis.gemm_count has no benchmark_gemm_equivalents(): not counted"
+    cache: dict[tuple, float] = {}
+    for r in rows:
+        if r.get("kind") != "ours" or r.get("status") != "ok":
+            continue
+        key = (r["provider"], r["mode"], r["pass"], r["d"])
+        if key not in cache:
+            cache[key] = counter(r["provider"], r["mode"], r["pass"], r["d"])
+        r["gemm_equiv_counted"] = cache[key]
+    return "gemm_equiv_counted: simcse_kernels.analysis.gemm_count.benchmark_gemm_equivalents"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path, help="bench_loss.json files")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--no-summary", action="store_true")
+    args = ap.parse_args(argv)
+    rows, meta = merge(args.runs)
+    meta["gemm_count"] = add_gemm_counts(rows)
+    paths = bench_loss.write_outputs(rows, meta, args.out, plots=False)
+    if not args.no_summary:
+        import summarize
+
+        dirs = sorted({str(p.parent) for p in args.runs})
+        summarize.main(dirs + ["--markdown", str(args.out / "SUMMARY.md")])
+        paths.append(args.out / "SUMMARY.md")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -181,7 +181,7 @@ EVAL_CASES = {
     "missing_model": (["--model", "/nonexistent/nothing_here", "--data_dir", "data12", "--tasks", "STS12",
                        "--no_align_uniform"],
                       "neither a folder, nor a pkg: model, nor a Hugging Face model id reachable offline"),
-    "batch_size_0": (EVAL + ["--batch_size", "0"], "argument --batch_size: must be an integer >= 1, got 0"),
+    "batch_size_0": (EVAL + ["--batch_size", "0"], "argument --batch_size: must be an integer >= 1, got '0'"),
     "unknown_pooler": (EVAL + ["--pooler", "mean"], "argument --pooler: invalid choice: 'mean'"),
     "unknown_task": (EVAL + ["--tasks", "STS17"], "argument --tasks: invalid choice: 'STS17'"),
     "output_folder_missing": (["--model", "model", "--data_dir", "data", "--output", "no/such/dir/res.json"],

@@ -12,7 +12,6 @@ when the MLP head is used at evaluation) so ``SentenceTransformer(path)`` gives 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .model import SimCSEModel, resolve_model_path, resolve_pooler
+from .model import SimCSEModel, quiet_transformers_progress, resolve_model_path, resolve_pooler
 
 ST_POOLING = {"cls": "cls", "cls_before_pooler": "cls", "avg": "mean"}
 
@@ -76,20 +75,6 @@ def load_state(path: str | Path, *, model, optimizer, scheduler, scaler) -> dict
     return blob
 
 
-@contextlib.contextmanager
-def _quiet_transformers_progress():
-    """Disable transformers' (and the hub's) tqdm bars inside the block; restore them after if they were on."""
-    from transformers.utils import logging as hf_logging
-
-    was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            hf_logging.enable_progress_bar()
-
-
 def export_model(model: SimCSEModel, tokenizer, out_dir: str | Path, max_seq_length: int = 128) -> Path:
     """Save ``model`` for ``transformers`` and ``sentence-transformers`` (see the module docstring).
 
@@ -103,7 +88,7 @@ def export_model(model: SimCSEModel, tokenizer, out_dir: str | Path, max_seq_len
     out.mkdir(parents=True, exist_ok=True)
     encoder = model.encoder
     eval_mlp = model.mlp is not None and not model.mlp_only_train
-    with _quiet_transformers_progress():  # no "Writing model shards" bar inside the training bar
+    with quiet_transformers_progress():  # no "Writing model shards" bar inside the training bar
         encoder.save_pretrained(out)
         tokenizer.save_pretrained(out)
     (out / "simcse_config.json").write_text(json.dumps({"pooler": model.pooler, "eval_mlp": eval_mlp}, indent=2))

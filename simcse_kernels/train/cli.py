@@ -165,9 +165,12 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return value
 
 
@@ -186,10 +189,12 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_dir", required=True, help="folder with sts/ and sick/ (e.g. ../shared/data)")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="tasks to evaluate")
     p.add_argument("--no_align_uniform", action="store_true", help="skip alignment/uniformity")
-    p.add_argument("--batch_size", type=_positive_int, default=128)
-    p.add_argument("--max_length", type=_positive_int, default=128)
+    p.add_argument("--batch_size", type=_positive_int, default=128, help="sentences per encoder call")
+    p.add_argument("--max_length", type=_positive_int, default=128, help="token truncation length")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--output", default=None, help="also write the results to this JSON file")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
     return p
 
 
@@ -239,6 +244,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import load_exported
 
     hf_logging.set_verbosity_error()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model = load_exported(args.model, pooler).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     encode = lambda s: model.embed_sentences(tokenizer, s, args.batch_size, args.max_length, device)

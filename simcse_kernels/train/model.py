@@ -8,6 +8,7 @@ temperature, if any, is a parameter of this model so optimizer, checkpoint and g
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 from pathlib import Path
@@ -18,6 +19,20 @@ from torch import nn
 from ..module import FusedInfoNCE
 from .errors import UsageError
 from .pooling import POOLERS, MLPHead, needs_hidden_states, pool
+
+
+@contextlib.contextmanager
+def quiet_transformers_progress():
+    """Disable transformers' (and the hub's) tqdm bars inside the block; restore them after if they were on."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def resolve_model_path(name: str) -> str:
@@ -229,7 +244,8 @@ class SimCSEModel(nn.Module):
         from transformers import AutoModel, AutoModelForMaskedLM
 
         auto = AutoModelForMaskedLM if do_mlm else AutoModel
-        backbone = auto.from_pretrained(resolve_model_path(name), **hf_kwargs)
+        with quiet_transformers_progress():  # no "Loading weights" bar
+            backbone = auto.from_pretrained(resolve_model_path(name), **hf_kwargs)
         return cls(backbone, pooler, mlp_only_train, do_mlm, loss_fn)
 
     @property

@@ -378,7 +378,7 @@ class Trainer:
         while self.step < self.total_steps:
             rec = self.train_step()
             bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.3g}", ex_s=f"{rec['examples_per_s']:.0f}")
+            bar.set_postfix({"loss": f"{rec['loss']:.3g}", "ex/s": f"{rec['examples_per_s']:.0f}"})
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 self.log(rec)
             if evaluating and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):

@@ -6,6 +6,7 @@ Writes ``bench_loss.{csv,json,md}`` under ``--out`` (rows of every run in order,
 each run's own meta) and, unless ``--no-summary``, ``SUMMARY.md`` via ``summarize.py``. When
 :mod:`simcse_kernels.analysis.gemm_count` exists, each ``ours`` row also gets ``gemm_equiv_counted``:
 the GEMM-equivalents one forward+backward of that backend actually performs (counted on CPU).
+``gemm_equiv`` stays the nominal 3 of the FLOP convention.
 """
 
 from __future__ import annotations
@@ -41,27 +42,31 @@ def merge(paths: list[Path]) -> tuple[list[dict], dict]:
     return rows, meta
 
 
-def add_gemm_counts(rows: list[dict]) -> str | None:
-    """``gemm_equiv_counted`` on rows of ours, from ``simcse_kernels.analysis.gemm_count`` if present.
+#: benchmark mode -> the GEMM-count mode with the same logit blocks (sup's w = 0 changes no GEMM)
+GEMM_COUNT_MODES = {"unsup": "unsup", "sup": "sup_weight", "mixcse": "mixcse", "symmetric": "symmetric"}
 
-    Returns a note for the meta (what was counted, or why not).
+
+def add_gemm_counts(rows: list[dict], n_count: int = 64) -> str:
+    """``gemm_equiv_counted`` on rows of ours (fwd+bwd), from :mod:`simcse_kernels.analysis.gemm_count`.
+
+    The count is made once per (backend, mode, D) at N = ``n_count`` (the GEMM-equivalents of these
+    backends do not depend on N). Returns a note for the meta (what was counted, or why not).
     """
     try:
-        from simcse_kernels.analysis import gemm_count  # noqa: F401
-    except ImportError:
-        return "simcse_kernels.analysis.gemm_count not available: GEMM-equivalents not counted"
-    counter = getattr(gemm_count, "benchmark_gemm_equivalents", None)
-    if counter is None:
-        return "simcse_kernels.analysis.gemm_count has no benchmark_gemm_equivalents(): not counted"
+        from simcse_kernels.analysis.gemm_count import count_gemm_equivalents
+    except ImportError as exc:
+        return f"GEMM-equivalents not counted: {exc}"
     cache: dict[tuple, float] = {}
     for r in rows:
-        if r.get("kind") != "ours" or r.get("status") != "ok":
+        mode = GEMM_COUNT_MODES.get(r["mode"])
+        if r.get("kind") != "ours" or r.get("status") != "ok" or r["pass"] != "fwdbwd" or mode is None:
             continue
-        key = (r["provider"], r["mode"], r["pass"], r["d"])
+        key = (r["provider"], mode, r["d"])
         if key not in cache:
-            cache[key] = counter(r["provider"], r["mode"], r["pass"], r["d"])
+            cache[key] = round(count_gemm_equivalents(r["provider"], mode, n_count, r["d"]), 4)
         r["gemm_equiv_counted"] = cache[key]
-    return "gemm_equiv_counted: simcse_kernels.analysis.gemm_count.benchmark_gemm_equivalents"
+    return (f"gemm_equiv_counted: simcse_kernels.analysis.gemm_count.count_gemm_equivalents(provider, mode, "
+            f"n={n_count}, d) for ours, forward+backward (every matmul FLOP / 2·N·M·D)")
 
 
 def main(argv=None) -> int:

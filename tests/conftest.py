@@ -130,7 +130,8 @@ def _interpreter_builder():
     except ImportError:
         return None
     builder = getattr(interpreter, "InterpreterBuilder", None)
-    return builder if builder is not None and hasattr(builder, "create_dot") else None
+    ok = builder is not None and hasattr(builder, "create_dot") and hasattr(builder, "cast_impl")
+    return builder if ok else None
 
 
 def interpreter_bf16_dot_patchable() -> bool:
@@ -165,17 +166,48 @@ def _make_fp32_dot_for_bf16(original):
     return create_dot
 
 
+def _fp32_to_bf16_bits_rtne(data):
+    """fp32 -> bf16 bit patterns rounded to nearest even (as a GPU's ``.to(tl.bfloat16)``); NaN stays NaN."""
+    import numpy as np
+
+    bits = np.ascontiguousarray(data, dtype=np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    quiet_nan = (bits >> np.uint32(16)) | np.uint32(0x40)
+    return np.where(np.isnan(data), quiet_nan, rounded).astype(np.uint16)
+
+
+def _make_rtne_cast_to_bf16(original):
+    def cast_impl(self, src, dst_type):
+        import triton.language as tl
+        from triton.runtime.interpreter import TensorHandle
+
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return TensorHandle(_fp32_to_bf16_bits_rtne(src.data), dst_type.scalar)
+        return original(self, src, dst_type)
+
+    cast_impl.simcse_bf16_rtne = True
+    cast_impl.original = original
+    return cast_impl
+
+
 @pytest.fixture(autouse=True, scope="session")
 def interpreter_bf16_dot():
-    """Under TRITON_INTERPRET=1: the interpreter's ``tl.dot`` multiplies the uint16 bits of bf16 operands
-    (numpy has no bf16); convert them to the fp32 of the same values and accumulate in fp32 instead."""
+    """Under TRITON_INTERPRET=1, make the interpreter's bf16 arithmetic what a GPU does (numpy has no bf16;
+    the interpreter keeps bf16 as uint16 bits):
+
+    * ``tl.dot`` multiplied the uint16 bits of bf16 operands: convert them to the fp32 of the same
+      values and accumulate in fp32 instead (as tensor cores do);
+    * fp32 -> bf16 casts (``.to(tl.bfloat16)``, stores into bf16 tensors) truncated the mantissa: round
+      to nearest even instead.
+    """
     builder = _interpreter_builder() if interpret_triton() else None
     if builder is None or getattr(builder.create_dot, "simcse_bf16_as_fp32", False):
         yield
         return
-    original = builder.create_dot
-    builder.create_dot = _make_fp32_dot_for_bf16(original)
+    originals = builder.create_dot, builder.cast_impl
+    builder.create_dot = _make_fp32_dot_for_bf16(originals[0])
+    builder.cast_impl = _make_rtne_cast_to_bf16(originals[1])
     try:
         yield
     finally:
-        builder.create_dot = original
+        builder.create_dot, builder.cast_impl = originals

@@ -1,9 +1,11 @@
-"""The test-only patch of the Triton interpreter's bf16 ``tl.dot`` (tests/conftest.py).
+"""The test-only patch of the Triton interpreter's bf16 arithmetic (tests/conftest.py).
 
-The interpreter stores bf16 as uint16 bit patterns (numpy has no bf16) and its ``tl.dot`` multiplies
-those bits; conftest's session fixture ``interpreter_bf16_dot`` widens bf16 operands to fp32 and
-accumulates in fp32. Here: a tiny bf16 ``tl.dot`` kernel equals the fp32 matmul of the bf16 values,
-and (to show why the patch exists) the unpatched interpreter does not.
+The interpreter stores bf16 as uint16 bit patterns (numpy has no bf16): its ``tl.dot`` multiplies
+those bits, and its fp32 -> bf16 casts truncate the mantissa (a GPU rounds to nearest even).
+conftest's session fixture ``interpreter_bf16_dot`` widens bf16 dot operands to fp32 (fp32
+accumulation) and rounds the casts to nearest even. Here: a tiny bf16 ``tl.dot`` kernel equals the
+fp32 matmul of the bf16 values, casts equal torch's ``.to(torch.bfloat16)``, and (to show why the
+patch exists) the unpatched interpreter does neither.
 """
 
 from __future__ import annotations
@@ -63,3 +65,87 @@ def test_unpatched_interpreter_bf16_dot_is_wrong(monkeypatch):
     a, b = _inputs(0)
     got = _run(a, b)
     assert not torch.allclose(got, a.float() @ b.float(), rtol=1e-2, atol=1e-2)
+
+
+@triton.jit
+def _cast_kernel(x_ptr, y_ptr, z_ptr, N: tl.constexpr):
+    """y = x.to(bf16) (explicit cast); z = x stored into a bf16 tensor (implicit cast)."""
+    offs = tl.arange(0, N)
+    x = tl.load(x_ptr + offs)
+    tl.store(y_ptr + offs, x.to(tl.bfloat16))
+    tl.store(z_ptr + offs, x)
+
+
+def _cast(x):
+    y, z = (torch.empty(x.shape[0], dtype=torch.bfloat16) for _ in range(2))
+    _cast_kernel[(1,)](x, y, z, N=x.shape[0])
+    return y, z
+
+
+def test_fp32_to_bf16_casts_round_to_nearest_even():
+    x = torch.randn(1024, generator=torch.Generator().manual_seed(0))
+    specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 3.0e38, 1e-40, 1.00390625,
+                             1.01171875])  # the last two: exact ties, rounding to even down and up
+    x[1000:1000 + specials.numel()] = specials
+    want = x.to(torch.bfloat16)
+    for got in _cast(x):
+        same = (got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())
+        assert same.all(), f"{(~same).sum().item()} casts differ from round-to-nearest-even"
+
+
+def test_unpatched_interpreter_cast_truncates(monkeypatch):
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    original = getattr(InterpreterBuilder.cast_impl, "original", None)
+    assert original is not None, "the conftest patch is not active"
+    monkeypatch.setattr(InterpreterBuilder, "cast_impl", original)
+    x = torch.randn(256, generator=torch.Generator().manual_seed(1))
+    truncated = (x.view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+    y, _ = _cast(x)
+    assert torch.equal(y, truncated) and not torch.equal(y, x.to(torch.bfloat16))
+
+
+# ---------------------------------------------------------------------------------------------
+# the Triton backend in bf16, on inputs whose gradients the tolerances can see
+
+def _unsaturated_inputs(n, d, k, seed):
+    """bf16 inputs with cos(a_i, p_i) ~ 0.3: at tau = 0.05 the softmax is not one-hot, so the gradients are
+    larger than GRAD_TOL's floors (conftest.make_inputs' positives, 1.5 a + noise, saturate it: there a
+    zero bf16 gradient would pass for some tensors)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, d, generator=g, dtype=torch.float64)
+    p = torch.randn(n, d, generator=g, dtype=torch.float64) + 0.3 * a
+    neg = torch.randn(k, d, generator=g, dtype=torch.float64) if k else None
+    return [None if t is None else t.to(torch.bfloat16) for t in (a, p, neg)]
+
+
+def _assert_not_vacuous(a, p, neg, tau, **options):
+    """A zero gradient must fail the bf16 tolerance for every input (the test can see a wrong gradient)."""
+    from conftest import loss_and_grads
+
+    from simcse_kernels import info_nce_reference
+    from simcse_kernels.tolerances import GRAD_TOL, grad_scale_floor, scaled_error
+
+    to64 = [None if t is None else t.double() for t in (a, p, neg)]
+    _, grads = loss_and_grads(info_nce_reference, *to64, tau.double(), **options)
+    for name, grad, src in zip(("anchors", "positives", "negatives", "temperature"), grads, (a, p, neg, tau)):
+        if grad is None:
+            continue
+        floor = grad_scale_floor(name, src, a.shape[0], float(tau), options.get("reduction", "mean"))
+        assert not scaled_error(torch.zeros_like(grad), grad, GRAD_TOL[torch.bfloat16], floor)["ok"], name
+
+
+@pytest.mark.parametrize("option_set,bwd", [
+    ("unsup", "default"), ("hard_neg", "default"), ("symmetric", "default"), ("anchor_neg", "default"),
+    ("mixcse", "default"), ("everything", "default"), ("none", "default"), ("everything", "atomic")])
+def test_triton_bf16_parity_unsaturated(option_set, bwd, monkeypatch):
+    from conftest import assert_backend_matches_reference, split_option_set
+
+    pytest.importorskip("simcse_kernels.ops.triton_loss", reason="triton is not installed")
+    if bwd == "atomic":
+        monkeypatch.setenv("SIMCSE_TRITON_BWD", "atomic")
+    k, opts = split_option_set(option_set, 45)
+    a, p, neg = _unsaturated_inputs(45, 80, k, seed=7)
+    tau = torch.tensor(0.05)
+    _assert_not_vacuous(a, p, neg, tau, **opts)
+    assert_backend_matches_reference("triton", a, p, neg, tau=tau, **opts)

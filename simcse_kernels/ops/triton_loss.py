@@ -163,7 +163,8 @@ INTERPRET_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, BLOCK_DO=256)
 
 def _interpreter_blocks() -> bool:
     """Interpreter block sizes: interpreting, unless ``SIMCSE_TRITON_BLOCKS=cuda`` (test-only: the
-    GEMM-count test runs the interpreter with the blocks a CUDA device would get)."""
+    GEMM-count test runs the interpreter with the blocks a CUDA device would get for every kernel
+    with dots; the norm kernels keep the interpreter's blocks)."""
     return _interpreting() and os.environ.get("SIMCSE_TRITON_BLOCKS", "") != "cuda"
 
 
@@ -176,7 +177,7 @@ def block_config(kind: str, d: int, dtype: torch.dtype) -> dict:
     if kind not in ("fwd", "dlogits", "bwd", "norm"):
         raise ValueError(f"unknown kernel kind {kind!r}")
     if kind == "norm":  # memory-bound: ~8 elements per thread (pointer tensors cost 2 registers each)
-        if _interpreter_blocks():
+        if _interpreting():  # (no dots: the GEMM count keeps the interpreter's fast blocks)
             return dict(BLOCK_R=16, BLOCK_D=min(256, max(16, _next_pow2(d))))
         return dict(BLOCK_R=8, BLOCK_D=min(128, max(16, _next_pow2(d))), num_warps=4)
     if kind == "dlogits":
@@ -463,7 +464,7 @@ def _gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool)
             return
         a, b = a.float(), b.float()
     if accumulate:
-        out.addmm_(a, b)
+        torch.addmm(out, a, b, out=out)
     else:
         torch.mm(a, b, out=out)
 

@@ -1,0 +1,1 @@
+"""Analysis helpers (cost accounting of the loss backends)."""

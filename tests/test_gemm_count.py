@@ -1,0 +1,107 @@
+"""GEMM work of one forward+backward, counted on CPU (issue 12): the FLOP bounds of every backend.
+
+Unit: one similarity GEMM, 2·N·M·D FLOPs (M = every logit column). Triton: every ``tl.dot`` the
+interpreter runs, with the block sizes of a CUDA device, plus the torch matmuls inside its custom
+ops; torch/naive: ``FlopCounterMode`` (see :mod:`simcse_kernels.analysis.gemm_count`).
+Bounds: fused (Triton) <= 4 (symmetric <= 5); ``torch`` with a scalar loss <= 3 (symmetric <= 4).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from simcse_kernels.analysis import gemm_count as gc
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRET, reason="counting the Triton dots needs TRITON_INTERPRET=1 (kernels in the CPU interpreter)")
+
+DIMS = [128, 384, 768, 1024]
+#: the issue's modes: unsup, sup with weight, MixCSE, symmetric, anchor negatives, learnable tau
+MODES = ["unsup", "sup_weight", "mixcse", "symmetric", "anchor_neg", "learnable_tau"]
+N = 64  # a multiple of every CUDA block of fp32 inputs (64 x 64 x 32): no padded tile is counted
+SLACK = 0.05
+
+
+def _bound(backend, mode):
+    return gc.gemm_bound(backend, bool(gc.MODES[mode].get("symmetric"))) + SLACK
+
+
+def expected_triton(mode, n=N):
+    """The default Triton path's exact count: forward 1 (+ the column-LSE kernel over the positives
+    block when symmetric), recompute of ∂L/∂s 1, and the gradient GEMMs: the row GEMM over every
+    column but mix4's, the column GEMMs over P, K, the anchor negatives and (into ∂p̂) mix4."""
+    opts = gc.MODES[mode]
+    m = gc.logit_columns(n, mode)
+    k = n if opts.get("k") == "n" else 0
+    n_an = n if opts.get("anchor_negatives") else 0
+    n_mix = n if opts.get("mix_lambda") is not None else 0
+    row_cols = n + k + n_an + n_mix
+    col_cols = n + k + n_an + n_mix
+    return 2.0 + (n / m if opts.get("symmetric") else 0.0) + (row_cols + col_cols) / m
+
+
+@needs_interpreter
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_default_backward_gemm_count(mode, d):
+    r = gc.count_flops("triton", mode, N, d)
+    assert r["dot_flops"] >= 2 * r["unit_flops"]  # forward + recomputation are Triton dots
+    assert r["torch_flops"] > 0  # the gradient GEMMs are torch matmuls
+    assert r["gemm_equiv"] == pytest.approx(expected_triton(mode), abs=1e-9)
+    assert r["gemm_equiv"] <= _bound("triton", mode)
+
+
+@needs_interpreter
+def test_triton_gemm_count_all_options_and_several_row_chunks():
+    """N = 128 with a budget of exactly 64 rows per ∂L/∂s chunk (two chunks): chunking adds no work."""
+    mode, n, d = "everything", 128, 128
+    m = gc.logit_columns(n, mode)
+    budget_mib = 64 * m * 4 / 2**20  # 64 fp32 rows of M columns
+    r = gc.count_flops("triton", mode, n, d, chunk_budget_mib=budget_mib)
+    assert r["gemm_equiv"] == pytest.approx(expected_triton(mode, n), abs=1e-9)
+    assert r["gemm_equiv"] <= _bound("triton", mode)
+
+
+@needs_interpreter
+def test_count_context_restores_interpreter_and_env():
+    from triton.runtime import interpreter
+
+    from simcse_kernels.ops import triton_loss
+
+    impls = (triton_loss._forward_impl, triton_loss._backward_impl)
+    env = (os.environ.get("SIMCSE_TRITON_BLOCKS"), os.environ.get("SIMCSE_TRITON_BWD"))
+    gc.count_flops("triton_atomic", "unsup", N, 128)
+    assert "create_dot" not in vars(interpreter.interpreter_builder)
+    assert (triton_loss._forward_impl, triton_loss._backward_impl) == impls
+    assert (os.environ.get("SIMCSE_TRITON_BLOCKS"), os.environ.get("SIMCSE_TRITON_BWD")) == env
+    assert triton_loss.block_config("fwd", 128, __import__("torch").float32)["BLOCK_M"] == \
+        triton_loss.INTERPRET_BLOCKS["BLOCK_M"]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_backend_gemm_count(mode, d, reduction):
+    r = gc.count_flops("torch", mode, N, d, reduction=reduction)
+    assert r["torch_flops"] >= r["unit_flops"]  # at least the forward GEMM was seen
+    assert r["gemm_equiv"] <= _bound("torch", mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_naive_gemm_count(mode):
+    """The baseline: one logit GEMM forward, autograd's two backward (none into detached mixtures)."""
+    r = gc.count_flops("naive", mode, N, 256)
+    opts = gc.MODES[mode]
+    m = gc.logit_columns(N, mode)
+    n_mix = N if opts.get("mix_lambda") is not None else 0
+    assert r["gemm_equiv"] == pytest.approx(3.0 - 2 * n_mix / m, abs=1e-9)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="backend"):
+        gc.count_flops("cuda", "unsup", N, 128)
+    with pytest.raises(ValueError, match="mode"):
+        gc.count_flops("torch", "nope", N, 128)

@@ -74,8 +74,8 @@ class SelfCheckResult:
         for row in self.rows:
             if row["ok"]:
                 continue
-            line = (f"{row['tensor']}: max |error| {row['max_abs_err']:.3g}, allowed {row['allowed']:.3g} "
-                    f"(error/allowed {row['ratio']:.3g})")
+            line = (f"{row['tensor']}: error {row['err']:.3g} where {row['allowed']:.3g} is allowed "
+                    f"(error/allowed {row['ratio']:.3g}; max |error| {row['max_abs_err']:.3g})")
             if row.get("note"):
                 line += f" [{row['note']}]"
             lines.append(line)

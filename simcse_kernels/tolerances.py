@@ -78,17 +78,17 @@ def scaled_error(actual: torch.Tensor, expected: torch.Tensor, tol: dict, min_sc
         min_scale: floor of the atol scale (the quantity's round-off unit).
 
     Returns:
-        ``dict(max_abs_err, allowed, ratio, ok)``: the largest ``|actual - expected|``, the allowed
-        error at that element, the worst ratio error / allowed over all elements (inf for NaN or a
-        shape mismatch), and ``ratio <= 1``.
+        ``dict(max_abs_err, err, allowed, ratio, ok)``: the largest ``|actual - expected|``; the error
+        and the allowed error at the element with the worst ratio error / allowed; that ratio (inf
+        for NaN or a shape mismatch); and ``ratio <= 1``.
     """
     if tuple(actual.shape) != tuple(expected.shape):
-        return dict(max_abs_err=math.inf, allowed=0.0, ratio=math.inf, ok=False,
+        return dict(max_abs_err=math.inf, err=math.inf, allowed=0.0, ratio=math.inf, ok=False,
                     note=f"shape {tuple(actual.shape)} != {tuple(expected.shape)}")
     expected = expected.detach().double().cpu()
     actual = actual.detach().double().cpu()
     if expected.numel() == 0:
-        return dict(max_abs_err=0.0, allowed=0.0, ratio=0.0, ok=True)
+        return dict(max_abs_err=0.0, err=0.0, allowed=0.0, ratio=0.0, ok=True)
     scale = max(expected.abs().max().item(), min_scale) or 1.0
     allowed = tol["atol"] * scale + tol["rtol"] * expected.abs()
     err = (actual - expected).abs()
@@ -96,8 +96,8 @@ def scaled_error(actual: torch.Tensor, expected: torch.Tensor, tol: dict, min_sc
     ratios = err / allowed
     worst = int(torch.argmax(ratios).item())
     ratio = ratios.reshape(-1)[worst].item()
-    return dict(max_abs_err=err.max().item(), allowed=allowed.reshape(-1)[worst].item(), ratio=ratio,
-                ok=bool(ratio <= 1.0))
+    return dict(max_abs_err=err.max().item(), err=err.reshape(-1)[worst].item(),
+                allowed=allowed.reshape(-1)[worst].item(), ratio=ratio, ok=bool(ratio <= 1.0))
 
 
 def weighted_backward(loss: torch.Tensor) -> None:
@@ -135,8 +135,8 @@ def compare_loss_and_grads(actual, expected, sources, dtype: torch.dtype, tau: f
         if exp is None and act is None:
             continue
         if exp is None or act is None:
-            rows.append(dict(tensor=f"grad {name}", max_abs_err=math.inf, allowed=0.0, ratio=math.inf, ok=False,
-                             note="missing gradient" if act is None else "unexpected gradient"))
+            rows.append(dict(tensor=f"grad {name}", max_abs_err=math.inf, err=math.inf, allowed=0.0,
+                             ratio=math.inf, ok=False, note="missing gradient" if act is None else "unexpected gradient"))
             continue
         floor = grad_scale_floor(name, src, n_rows, tau, reduction)
         row = dict(tensor=f"grad {name}", **scaled_error(act, exp, GRAD_TOL[dtype], floor))

@@ -203,25 +203,27 @@ def run_check(backend: str, anchors, positives, negatives, labels, options: Info
     from .functional import info_nce_with_options
 
     key = check_key(backend, anchors, negatives, options)
-    a, p, neg, lab = slice_inputs(anchors, positives, negatives, labels)
     tau = options.temperature
     learnable = isinstance(tau, torch.Tensor) and tau.requires_grad
     tau_value = float(tau.detach().reshape(())) if isinstance(tau, torch.Tensor) else float(tau)
-    if isinstance(tau, torch.Tensor):
-        tau_fused = torch.tensor(tau_value, dtype=tau.dtype, device=tau.device, requires_grad=learnable)
-    else:
-        tau_fused = tau_value
-    tau_ref = (torch.tensor(tau_value, dtype=torch.float64, device=anchors.device, requires_grad=True)
-               if learnable else tau_value)
     fused_options = dataclasses.replace(options, backend=backend, check_inputs=False)
     ref_options = dataclasses.replace(options, backend="torch", check_inputs=False)
-
     device_type = anchors.device.type
     tf32 = device_type == "cuda" and torch.backends.cuda.matmul.allow_tf32
     try:
         if tf32:
             torch.backends.cuda.matmul.allow_tf32 = False
+        # (inference_mode off: tensors created here are normal tensors autograd may save, even when the
+        # caller runs under torch.inference_mode)
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False):
+            a, p, neg, lab = slice_inputs(anchors, positives, negatives, labels)
+            lab = lab.clone()
+            if isinstance(tau, torch.Tensor):
+                tau_fused = torch.tensor(tau_value, dtype=tau.dtype, device=tau.device, requires_grad=learnable)
+            else:
+                tau_fused = tau_value
+            tau_ref = (torch.tensor(tau_value, dtype=torch.float64, device=anchors.device, requires_grad=True)
+                       if learnable else tau_value)
             actual = _loss_and_grads(_fused_fn(backend), (a, p, neg), lab, fused_options, tau_fused)
             to64 = [None if t is None else t.detach().to(torch.float64) for t in (a, p, neg)]
             expected = _loss_and_grads(info_nce_with_options, to64, lab, ref_options, tau_ref)

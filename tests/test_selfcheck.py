@@ -149,13 +149,14 @@ def test_corrupted_kernel_explicit_backend_raises(fresh_selfcheck, monkeypatch):
     assert fresh_selfcheck == ["triton"]
 
 
-def test_corrupted_kernel_is_caught_under_no_grad(fresh_selfcheck, monkeypatch):
-    """The check builds its own graph even when the caller's call has gradients off."""
+@pytest.mark.parametrize("grad_off", [torch.no_grad, torch.inference_mode])
+def test_corrupted_kernel_is_caught_with_gradients_off(grad_off, fresh_selfcheck, monkeypatch):
+    """The check builds its own graph even when the caller runs under no_grad / inference_mode."""
     monkeypatch.setenv("SIMCSE_KERNELS_BACKEND", "triton")
     _corrupt(monkeypatch, "anchors")
     a, p, _ = make_inputs(N, D, seed=5)
-    with torch.no_grad(), pytest.warns(SelfCheckWarning, match="grad anchors"):
-        loss = fused_info_nce(a, p)
+    with grad_off(), pytest.warns(SelfCheckWarning, match="grad anchors"):
+        loss = fused_info_nce(a * 1, p * 1, temperature=torch.tensor(0.05))
     torch.testing.assert_close(loss, fused_info_nce(a, p, backend="torch"))
 
 

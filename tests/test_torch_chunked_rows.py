@@ -34,6 +34,12 @@ def logit_columns(n, k, opts) -> int:
     return n + k + n * int(opts.get("anchor_negatives", False)) + 2 * n * int(opts.get("mix_lambda") is not None)
 
 
+def budget_mib_for_rows(n, k, opts, rows: float) -> float:
+    """A chunk budget (MiB) that holds ``rows`` fp32 rows of this option set's chunk buffers."""
+    per_row = (logit_columns(n, k, opts) + (n if opts.get("symmetric") else 0)) * 4
+    return rows * per_row / 2**20
+
+
 def count_chunks(monkeypatch) -> list:
     """Record the row range of every chunk the scalar path fills."""
     calls = []
@@ -58,9 +64,11 @@ def gemm_equivalents(fn, n, m, d) -> float:
 def test_parity_across_row_chunks(option_set, monkeypatch):
     """R = 4 rows per chunk over N = 23 anchors: 6 chunks, the last one partial; every masked or
     weighted diagonal entry and the MixCSE wrap-around rows land in different chunks."""
-    monkeypatch.setitem(chunked.MAX_ROWS, "cpu", 4)
-    calls = count_chunks(monkeypatch)
     k, opts = split_option_set(option_set, 23)
+    # the CPU row cap, and a budget of 4.5 rows (a symmetric loss that fits one chunk ignores the cap)
+    monkeypatch.setitem(chunked.MAX_ROWS, "cpu", 4)
+    monkeypatch.setenv(ENV_VAR, repr(budget_mib_for_rows(23, k, opts, 4.5)))
+    calls = count_chunks(monkeypatch)
     a, p, neg = make_inputs(23, 64, k, seed=31)
     assert_backend_matches_reference("torch", a, p, neg, tau=torch.tensor(0.07), **opts)
     assert sorted(set(calls)) == [(r, min(r + 4, 23)) for r in range(0, 23, 4)]
@@ -68,8 +76,8 @@ def test_parity_across_row_chunks(option_set, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_parity_across_row_chunks_dtypes(dtype, monkeypatch):
-    monkeypatch.setitem(chunked.MAX_ROWS, "cpu", 5)
     k, opts = split_option_set("everything", 17)
+    monkeypatch.setenv(ENV_VAR, repr(budget_mib_for_rows(17, k, opts, 5.5) * dtype.itemsize / 4))
     a, p, neg = make_inputs(17, 48, k, dtype=dtype, seed=32)
     # an fp64 tau leaf for fp64 inputs (an fp32 leaf holds its gradient only to fp32)
     tau = torch.tensor(0.1, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
@@ -83,8 +91,7 @@ def test_rows_limited_by_budget(option_set, monkeypatch):
     n, d = 19, 40
     k, opts = split_option_set(option_set, n)
     m = logit_columns(n, k, opts)
-    per_row = (m + (n if opts.get("symmetric") else 0)) * 4  # fp32 logits (+ symmetric column term)
-    budget_mib = 3.5 * per_row / 2**20
+    budget_mib = budget_mib_for_rows(n, k, opts, 3.5)  # fp32 logits (+ symmetric column term)
     assert chunked.scalar_rows_per_chunk(n, m, n, bool(opts.get("symmetric")), 4, "cpu", budget_mib) == 3
     a, p, neg = make_inputs(n, d, k, seed=33)
     calls = count_chunks(monkeypatch)
@@ -114,9 +121,9 @@ def test_default_budget_rows():
 def test_loss_only_without_grad(option_set, how, monkeypatch):
     """Without grad only the loss is computed: one similarity GEMM (symmetric: + the positives
     block for the column LSEs), no gradient GEMMs, no autograd graph."""
-    monkeypatch.setitem(chunked.MAX_ROWS, "cpu", 8)
     n, d = 21, 32
     k, opts = split_option_set(option_set, n)
+    monkeypatch.setenv(ENV_VAR, repr(budget_mib_for_rows(n, k, opts, 8.5)))
     a, p, neg = make_inputs(n, d, k, seed=34)
     m = logit_columns(n, k, opts)
     if how != "no_input_requires_grad":
@@ -200,6 +207,25 @@ def test_three_gemm_equivalents_forward_backward(option_set):
                                **opts).backward(), n, m, d)
     assert units <= (4.05 if opts.get("symmetric") else 3.05), units
     assert all(t.grad is not None for t in leaves)
+
+
+@pytest.mark.parametrize("rows", [None, 4.5])
+def test_symmetric_one_chunk_skips_the_column_pass(rows, monkeypatch):
+    """Symmetric: when all N rows fit the budget, one chunk gives the column LSEs (3 GEMM-eq, even
+    above the CPU row cap); otherwise a first pass over the positives block does (4)."""
+    n, d = 24, 32
+    monkeypatch.setitem(chunked.MAX_ROWS, "cpu", 4)
+    if rows is not None:
+        monkeypatch.setenv(ENV_VAR, repr(budget_mib_for_rows(n, 0, dict(symmetric=True), rows)))
+    a, p, _ = make_inputs(n, d, seed=38)
+    calls = count_chunks(monkeypatch)
+    leaves = [t.requires_grad_(True) for t in (a, p)]
+    units = gemm_equivalents(
+        lambda: fused_info_nce(*leaves, temperature=0.05, symmetric=True, backend="torch").backward(), n, n, d)
+    assert units == pytest.approx(3.0 if rows is None else 4.0, rel=1e-9)
+    assert max(r1 - r0 for r0, r1 in calls) == (n if rows is None else 4)
+    assert_backend_matches_reference("torch", a.detach(), p.detach(), None, tau=torch.tensor(0.05),
+                                     symmetric=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -11,7 +11,7 @@ Two paths (the math is written in :mod:`simcse_kernels.reference`):
   ``∂ĉ += dS^T @ â[chunk]``). Backward only scales the saved gradients by the incoming scalar
   gradient; the normalization backward runs through autograd. That is 3 GEMM-equivalents
   forward+backward with no recomputation (symmetric: a first pass over the positives block for
-  the column log-sum-exps, 4), and memory O(R·M + (N + M)·D) with R from the chunk budget
+  the column log-sum-exps, 4, unless all N rows fit the budget in one chunk: 3), and memory O(R·M + (N + M)·D) with R from the chunk budget
   (:mod:`simcse_kernels.ops.budget`). The temperature gradient needs no extra pass:
   ``Σ_ij dS_ij cos_ij = Σ_i â_i·(dS @ ĉ)_i``, a dot of the gradient GEMM's output with â.
   Under ``no_grad`` (or when no input requires grad) only the loss is computed.
@@ -189,10 +189,14 @@ def scalar_rows_per_chunk(n_rows: int, n_cols: int, n_pos: int, symmetric: bool,
 
     Returns:
         R in [1, N]: the (R, M_total) buffer (plus (R, P) when symmetric) fits the budget, and R is
-        at most ``MAX_ROWS[device_type]`` when set.
+        at most ``MAX_ROWS[device_type]`` when set, except that a symmetric loss whose N rows all
+        fit the budget gets R = N: one chunk needs no first pass for the column log-sum-exps
+        (3 GEMM-equivalents instead of 4).
     """
     per_row_cols = n_cols + (n_pos if symmetric else 0)
     rows = rows_per_chunk(n_rows, per_row_cols, itemsize, chunk_budget_bytes(chunk_budget_mib))
+    if symmetric and rows >= n_rows:
+        return n_rows
     cap = MAX_ROWS.get(device_type)
     return max(1, min(rows, cap)) if cap else rows
 
@@ -293,12 +297,14 @@ def _scalar_pass(anchors, positives, negatives, mix3, mix4, tau, labels, w, anch
     need_a, need_p, need_n, need_tau = need
     any_grad = any(need)
     buf_all = torch.empty(rows_per * lay.m, device=dev, dtype=dt)
-    clse = cshift = None
+    clse = cshift = log_counts = None
+    one_chunk = rows_per >= n  # symmetric: the column LSEs come from the chunk itself, no first pass
     if symmetric:
-        clse = _column_lse(rows_s, cols, lay, rows_per, buf_all)
+        if not one_chunk:
+            clse = _column_lse(rows_s, cols, lay, rows_per, buf_all)
         counts = torch.zeros(n_pos, device=dev, dtype=dt).index_add_(
             0, labels, torch.ones(n, device=dev, dtype=dt))
-        cshift = clse - torch.log(counts)  # +inf where no row targets the column: no column term
+        log_counts = torch.log(counts)  # -inf where no row targets the column: no column term
         tbuf = torch.empty(rows_per * n_pos, device=dev, dtype=dt) if any_grad else None
     # which differentiable columns [lo, hi) of the dC GEMM are needed
     lo = 0 if need_p else (n_pos if need_n else n_pos + n_neg)
@@ -317,6 +323,10 @@ def _scalar_pass(anchors, positives, negatives, mix3, mix4, tau, labels, w, anch
         r = r1 - r0
         buf = buf_all[: r * lay.m].view(r, lay.m)
         const = _fill_logits(buf, rows_s, mix4_s, cols, lay, r0, r1, w)
+        if symmetric and one_chunk:
+            clse = torch.logsumexp(buf[:, :n_pos], dim=0)
+        if symmetric and cshift is None:
+            cshift = clse - log_counts
         rows = torch.arange(r, device=dev)
         tgt_idx = rows * lay.m + labels[r0:r1]
         t = buf.view(-1)[tgt_idx]  # target logits s_{i,l_i}

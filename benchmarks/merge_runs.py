@@ -2,8 +2,8 @@
 
     python benchmarks/merge_runs.py runs/*/bench_loss.json --out benchmarks/results/cpu
 
-Writes ``bench_loss.{csv,json,md}`` under ``--out`` (rows of every run in order, ``meta.runs`` =
-each run's own meta) and, unless ``--no-summary``, ``SUMMARY.md`` via ``summarize.py``. When
+Writes ``bench_loss.{csv,json,md}`` under ``--out`` (rows of every run, a later run's row replacing
+an earlier one of the same case; ``meta.runs`` = each run's own meta) and, unless ``--no-summary``, ``SUMMARY.md`` via ``summarize.py``. When
 :mod:`simcse_kernels.analysis.gemm_count` exists, each ``ours`` row also gets ``gemm_equiv_counted``:
 the GEMM-equivalents one forward+backward of that backend actually performs (counted on CPU).
 ``gemm_equiv`` stays the nominal 3 of the FLOP convention.
@@ -20,18 +20,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_loss  # noqa: E402
 
+MODE_ORDER = {"unsup": 0, "sup": 1, "mixcse": 2, "symmetric": 3}
+
+
+def _key(r: dict) -> tuple:
+    return (r["dtype"], r["mode"], r["pass"], r["n"], r["d"], r["provider"])
+
 
 def merge(paths: list[Path]) -> tuple[list[dict], dict]:
-    """Rows of every run (in order) and a merged meta (the first run's, with ``runs`` = all metas).
+    """Rows of every run and a merged meta (the first run's, with ``runs`` = all metas).
+
+    Rows are sorted by (dtype, D, mode, pass, N), providers in run order; a row of a later file
+    replaces the row of the same (dtype, mode, pass, N, D, provider) of an earlier one, and
+    ``run`` names the folder each row came from.
 
     Args:
         paths: ``bench_loss.json`` files.
     """
-    rows, metas = [], []
+    by_key: dict[tuple, dict] = {}
+    metas = []
     for path in paths:
         data = json.loads(path.read_text())
-        rows += data["rows"]
+        for r in data["rows"]:
+            r = dict(r, run=str(path.parent.name))
+            # a later run's row replaces an earlier one of the same case (a re-measured group)
+            by_key.pop(_key(r), None)
+            by_key[_key(r)] = r
         metas.append(dict(data["meta"], source=str(path)))
+    rows = sorted(by_key.values(), key=lambda r: (r["dtype"], r["d"], MODE_ORDER.get(r["mode"], 9), r["pass"],
+                                                   r["n"]))
     if not metas:
         raise SystemExit("no runs to merge")
     meta = dict(metas[0])
@@ -81,8 +98,8 @@ def main(argv=None) -> int:
     if not args.no_summary:
         import summarize
 
-        dirs = sorted({str(p.parent) for p in args.runs})
-        summarize.main(dirs + ["--markdown", str(args.out / "SUMMARY.md")])
+        # the merged bench_loss.json (plus any max_batch.json / matmul_peak.json already in --out)
+        summarize.main([str(args.out), "--markdown", str(args.out / "SUMMARY.md")])
         paths.append(args.out / "SUMMARY.md")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -251,3 +251,20 @@ def test_chunked_scalar_loss_rejects_none_reduction():
     feats = normalized_features(a, p, None, InfoNCEOptions())
     with pytest.raises(ValueError, match="reduction"):
         chunked.chunked_scalar_loss(feats, torch.arange(4), 0.0, False, False, "none")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_backend_float64_fallback_uses_the_torch_paths(reduction):
+    """``cuda_info_nce`` reached through "auto" computes float64 with the torch backend (before any
+    device check, so this runs on CPU): the row-chunked path for mean/sum, the per-row path for none."""
+    from simcse_kernels.ops.cuda_loss import cuda_info_nce
+    from simcse_kernels.options import InfoNCEOptions
+
+    a, p, neg = make_inputs(9, 24, 9, dtype=torch.float64, seed=39)
+    opts = InfoNCEOptions(temperature=0.05, hard_negative_weight=0.4, symmetric=True, reduction=reduction,
+                          backend="auto")
+    labels = torch.arange(9)
+    got = cuda_info_nce(a, p, neg, labels, opts)
+    expected = info_nce_reference(a, p, neg, temperature=0.05, hard_negative_weight=0.4, symmetric=True,
+                                  reduction=reduction)
+    torch.testing.assert_close(got, expected, **LOSS_TOL[torch.float64])

@@ -376,10 +376,13 @@ def cuda_info_nce(
     """
     if anchors.dtype == torch.float64 and options.backend != "cuda":
         # "auto" picked this backend: float64 is computed by the chunked torch backend instead.
-        from .chunked import chunked_per_row_loss
+        from .chunked import chunked_per_row_loss, chunked_scalar_loss
         from .features import normalized_features
 
         feats = normalized_features(anchors, positives, negatives, options)
+        if options.reduction != "none":
+            return chunked_scalar_loss(feats, labels, options.hard_negative_weight, options.anchor_negatives,
+                                       options.symmetric, options.reduction, options.chunk_budget_mib)
         per_row = chunked_per_row_loss(feats, labels, options.hard_negative_weight, options.anchor_negatives,
                                        options.symmetric)
         return reduce_loss(per_row, options.reduction)

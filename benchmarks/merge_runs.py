@@ -66,11 +66,14 @@ GEMM_COUNT_MODES = {"unsup": "unsup", "sup": "sup_weight", "mixcse": "mixcse", "
 def add_gemm_counts(rows: list[dict], n_count: int = 64) -> str:
     """``gemm_equiv_counted`` on rows of ours (fwd+bwd), from :mod:`simcse_kernels.analysis.gemm_count`.
 
-    The count is made once per (backend, mode, D) at N = ``n_count`` (the GEMM-equivalents of these
-    backends do not depend on N). Returns a note for the meta (what was counted, or why not).
+    The count is made once per (backend, mode, N, D) at N = ``n_count`` with the default 256 MiB
+    chunk budget scaled by (n_count / N)², so a symmetric loss takes the same one-chunk (3) or
+    two-pass (4) path as at the benchmark's N. Returns a note for the meta (what was counted, or
+    why not).
     """
     try:
         from simcse_kernels.analysis.gemm_count import count_gemm_equivalents
+        from simcse_kernels.ops.budget import DEFAULT_CHUNK_MIB
     except ImportError as exc:
         return f"GEMM-equivalents not counted: {exc}"
     cache: dict[tuple, float] = {}
@@ -78,12 +81,15 @@ def add_gemm_counts(rows: list[dict], n_count: int = 64) -> str:
         mode = GEMM_COUNT_MODES.get(r["mode"])
         if r.get("kind") != "ours" or r.get("status") != "ok" or r["pass"] != "fwdbwd" or mode is None:
             continue
-        key = (r["provider"], mode, r["d"])
+        key = (r["provider"], mode, r["n"], r["d"])
         if key not in cache:
-            cache[key] = round(count_gemm_equivalents(r["provider"], mode, n_count, r["d"]), 4)
+            budget = DEFAULT_CHUNK_MIB * (n_count / r["n"]) ** 2
+            cache[key] = round(count_gemm_equivalents(r["provider"], mode, n_count, r["d"],
+                                                      chunk_budget_mib=budget), 4)
         r["gemm_equiv_counted"] = cache[key]
     return (f"gemm_equiv_counted: simcse_kernels.analysis.gemm_count.count_gemm_equivalents(provider, mode, "
-            f"n={n_count}, d) for ours, forward+backward (every matmul FLOP / 2·N·M·D)")
+            f"n={n_count}, d, chunk budget 256 MiB·({n_count}/N)²) for ours, forward+backward "
+            "(every matmul FLOP / 2·N·M·D)")
 
 
 def main(argv=None) -> int:

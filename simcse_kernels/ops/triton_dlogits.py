@@ -14,9 +14,11 @@ anchor rows ``[row_start, row_end)``, every logit block of the reference's colum
     [ P positives | K negatives | N anchors (anchor_negatives) | N mix3 | N mix4 ]
 
 (blocks an option does not use are absent). Entry ``(i - row_start, c)`` is
-``scale · ∂L/∂s_ic / tau`` stored in the GEMM dtype, so the gradient GEMMs need no epilogue:
-``∂â_i = Σ_c ds_ic ĉ_c / scale`` and ``∂ĉ_c = Σ_i ds_ic â_i / scale``. The mix4 block's row ``i``
-is the detached ``mix4_i`` (not ``a_i``); its logits are ``cos(mix4_i, p_j)``.
+``r_i · r_c · ∂L/∂s_ic / tau`` (``r`` = inverse norms of the entry's row and column features),
+stored in the GEMM dtype, so the gradient GEMMs run on the **raw** features (no rounded
+normalized copies) and need only a row scaling afterwards:
+``Σ_c ds_ic c_c = r_i ∂â_i`` and ``Σ_i ds_ic a_i = r_c ∂ĉ_c``. The mix4 block's row ``i`` is the
+detached ``mix4_i`` (not ``a_i``; its ``r_i`` is mix4's); its logits are ``cos(mix4_i, p_j)``.
 
 ``dtau_ptr`` (R, n_tiles) receives ``Σ_{j in tile} ∂L/∂s_ij · cos_ij`` per (row, column tile):
 ``∂L/∂tau = −(1/tau²) Σ`` of it, reduced in torch (a fixed-order reduction: deterministic).
@@ -32,11 +34,11 @@ from .triton_kernels import _cos_tile, _dlogits
 
 @triton.jit
 def _dlogits_segment_tile(x_ptr, rx_ptr, y_ptr, ry_ptr, offs_m, mask_m, tile, tile0, n_cols, col_offset, ds_col0,
-                          lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, scale, n_anchor, D,
+                          lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, n_anchor, D,
                           ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
                           PATTERN: tl.constexpr, TARGET: tl.constexpr, SYM: tl.constexpr,
                           UPCAST: tl.constexpr, STORE_DS: tl.constexpr, NEED_DTAU: tl.constexpr,
-                          SCALED: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                          ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One (BLOCK_M, BLOCK_N) tile of one logit block: recompute, form ``∂L/∂s``, store.
 
@@ -50,7 +52,7 @@ def _dlogits_segment_tile(x_ptr, rx_ptr, y_ptr, ry_ptr, offs_m, mask_m, tile, ti
         ds_col0: column of the block's first column in ``ds`` (its offset in M_total).
         lse, rw, g, labels: (BLOCK_M,) row LSE, softmax weight, upstream grad, target column.
         cw_ptr, clse_ptr: (P,) symmetric column weight and LSE (read when ``SYM``).
-        inv_tau, w, scale: scalars 1/tau, hard-negative weight, storage scale (``SCALED``).
+        inv_tau, w: scalars 1/tau and the hard-negative weight.
         ds_ptr (R, ld_ds), dtau_ptr (R, n_tiles): outputs (rows relative to ``row_start``).
     """
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -69,30 +71,29 @@ def _dlogits_segment_tile(x_ptr, rx_ptr, y_ptr, ry_ptr, offs_m, mask_m, tile, ti
     if NEED_DTAU:
         tl.store(dtau_ptr + local * n_tiles + (tile0 + tile), tl.sum(ds * cos, axis=1), mask=mask_m)
     if STORE_DS:
-        out = ds * inv_tau
-        if SCALED:
-            out = out * scale
+        rx = tl.load(rx_ptr + offs_m, mask=mask_m, other=0.0)
+        ry = tl.load(ry_ptr + offs_n, mask=mask_n, other=0.0)
+        out = ds * inv_tau * rx[:, None] * ry[None, :]
         tl.store(ds_ptr + local[:, None] * ld_ds + (ds_col0 + offs_n)[None, :],
                  out.to(ds_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
 def _dlogits_chunk_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_ptr, rmix3_ptr, mix4_ptr,
-                          rmix4_ptr, tau_ptr, w_ptr, scale_ptr, labels_ptr, lse_ptr, g_ptr, cw_ptr, clse_ptr,
+                          rmix4_ptr, tau_ptr, w_ptr, labels_ptr, lse_ptr, g_ptr, cw_ptr, clse_ptr,
                           ds_ptr, dtau_ptr, row_start, row_end, N, P, K, D, ld_ds, n_tiles,
                           HAS_NEG: tl.constexpr, ANCHOR_NEG: tl.constexpr, HAS_MIX: tl.constexpr,
                           SYMMETRIC: tl.constexpr, STORE_DS: tl.constexpr, NEED_DTAU: tl.constexpr,
-                          SCALED: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                          ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
                           MIX_PREC: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``∂L/∂s / tau`` (times ``scale``) of anchor rows ``[row_start, row_end)`` for every logit block.
+    """``r_i r_c ∂L/∂s_ic / tau`` of anchor rows ``[row_start, row_end)`` for every logit block.
 
     Args:
         a_ptr (N, D), p_ptr (P, D), neg_ptr (K, D; ``HAS_NEG``): raw features, input dtype.
         mix3_ptr, mix4_ptr (N, D; ``HAS_MIX``): detached raw MixCSE mixtures, ``ACC_DTYPE``.
         ra/rp/rneg/rmix3/rmix4_ptr: matching (rows,) inverse norms, ``ACC_DTYPE``.
-        tau_ptr, w_ptr, scale_ptr: (1,) temperature, hard-negative weight, storage scale
-            (read when ``SCALED``: fp16 storage), ``ACC_DTYPE``.
+        tau_ptr, w_ptr: (1,) temperature and hard-negative weight, ``ACC_DTYPE``.
         labels_ptr (N,) int64, lse_ptr (N,), g_ptr (N,): targets, forward row LSE, ∂L/∂ℓ.
         cw_ptr, clse_ptr (P,): symmetric column weight ``½ Σ_{l_i = j} g_i`` and column LSE.
         ds_ptr (R, ld_ds): output in the GEMM dtype, row ``i - row_start`` (``STORE_DS``).
@@ -108,10 +109,6 @@ def _dlogits_chunk_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_
     mask_m = offs_m < row_end
     inv_tau = 1.0 / tl.load(tau_ptr).to(ACC_DTYPE)
     w = tl.load(w_ptr).to(ACC_DTYPE)
-    if SCALED:
-        scale = tl.load(scale_ptr).to(ACC_DTYPE)
-    else:
-        scale = inv_tau  # unused
     labels = tl.load(labels_ptr + offs_m, mask=mask_m, other=-1)
     lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
     g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
@@ -122,18 +119,18 @@ def _dlogits_chunk_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_
     t0 = tl.cdiv(P, BLOCK_N)
     if pid_n < t0:
         _dlogits_segment_tile(a_ptr, ra_ptr, p_ptr, rp_ptr, offs_m, mask_m, pid_n, 0, P, 0, 0,
-                              lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, scale, N, D,
+                              lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D,
                               ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
-                              0, True, SYMMETRIC, False, STORE_DS, NEED_DTAU, SCALED, ACC_DTYPE, DOT_PREC,
+                              0, True, SYMMETRIC, False, STORE_DS, NEED_DTAU, ACC_DTYPE, DOT_PREC,
                               BLOCK_M, BLOCK_N, BLOCK_K)
     c0 = P
     if HAS_NEG:
         t1 = t0 + tl.cdiv(K, BLOCK_N)
         if (pid_n >= t0) & (pid_n < t1):
             _dlogits_segment_tile(a_ptr, ra_ptr, neg_ptr, rneg_ptr, offs_m, mask_m, pid_n - t0, t0, K, P, c0,
-                                  lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, scale, N, D,
+                                  lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D,
                                   ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
-                                  1, True, False, False, STORE_DS, NEED_DTAU, SCALED, ACC_DTYPE, DOT_PREC,
+                                  1, True, False, False, STORE_DS, NEED_DTAU, ACC_DTYPE, DOT_PREC,
                                   BLOCK_M, BLOCK_N, BLOCK_K)
         t0 = t1
         c0 += K
@@ -141,9 +138,9 @@ def _dlogits_chunk_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_
         t1 = t0 + tl.cdiv(N, BLOCK_N)
         if (pid_n >= t0) & (pid_n < t1):
             _dlogits_segment_tile(a_ptr, ra_ptr, a_ptr, ra_ptr, offs_m, mask_m, pid_n - t0, t0, N, 0, c0,
-                                  lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, scale, N, D,
+                                  lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D,
                                   ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
-                                  2, False, False, False, STORE_DS, NEED_DTAU, SCALED, ACC_DTYPE, DOT_PREC,
+                                  2, False, False, False, STORE_DS, NEED_DTAU, ACC_DTYPE, DOT_PREC,
                                   BLOCK_M, BLOCK_N, BLOCK_K)
         t0 = t1
         c0 += N
@@ -151,14 +148,14 @@ def _dlogits_chunk_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_
         t1 = t0 + tl.cdiv(N, BLOCK_N)
         if (pid_n >= t0) & (pid_n < t1):
             _dlogits_segment_tile(a_ptr, ra_ptr, mix3_ptr, rmix3_ptr, offs_m, mask_m, pid_n - t0, t0, N, 0, c0,
-                                  lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, scale, N, D,
+                                  lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D,
                                   ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
-                                  3, False, False, True, STORE_DS, NEED_DTAU, SCALED, ACC_DTYPE, MIX_PREC,
+                                  3, False, False, True, STORE_DS, NEED_DTAU, ACC_DTYPE, MIX_PREC,
                                   BLOCK_M, BLOCK_N, BLOCK_K)
         t2 = t1 + tl.cdiv(N, BLOCK_N)
         if (pid_n >= t1) & (pid_n < t2):
             _dlogits_segment_tile(mix4_ptr, rmix4_ptr, p_ptr, rp_ptr, offs_m, mask_m, pid_n - t1, t1, N, 0,
-                                  c0 + N, lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, scale, N, D,
+                                  c0 + N, lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D,
                                   ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
-                                  4, False, False, True, STORE_DS, NEED_DTAU, SCALED, ACC_DTYPE, MIX_PREC,
+                                  4, False, False, True, STORE_DS, NEED_DTAU, ACC_DTYPE, MIX_PREC,
                                   BLOCK_M, BLOCK_N, BLOCK_K)

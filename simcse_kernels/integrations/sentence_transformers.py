@@ -202,8 +202,8 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
                                anchor_negatives=self._mode == "anchor_negatives")
         # Every rank: its own anchors against the candidates of all ranks (gathered with gradient; the
         # gather's backward sums the ranks' gradients into this rank's slice), labels offset by the rank.
-        queries_all = all_gather_with_grad(queries)
         docs_all = [all_gather_with_grad(d) for d in docs]
+        queries_all = all_gather_with_grad(queries) if self._mode != "query_to_doc" else None
         negatives = torch.cat(docs_all[1:]) if len(docs_all) > 1 else None
         offset = rank * batch
         labels_local = torch.arange(offset, offset + batch, device=queries.device)

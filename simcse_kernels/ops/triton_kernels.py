@@ -32,9 +32,12 @@ Conventions shared by every kernel
   ``GRAD_DTYPE``/``GRAD_PREC``: operand dtype and precision of the atomic backward's gradient dots
   (bf16 for bf16 inputs; fp32 with "tf32x3" for fp16 inputs, because ``∂L/∂s`` underflows
   fp16 at large N; the compute dtype with ``DOT_PREC`` otherwise).
-* ``MIXED`` segments (the MixCSE blocks) pair a 16-bit input with an fp32 mixture: both
-  operands are upcast to ``ACC_DTYPE`` and dotted with ``MIX_PREC`` ("tf32x3" for 16-bit inputs:
-  fp32-accurate on tensor cores; ``DOT_PREC`` for fp32/fp64 inputs).
+* ``MIXED`` segments (the MixCSE blocks) pair a 16-bit input with an fp32 mixture: the mixture
+  is split into 16-bit parts and the cosines are 16-bit tensor-core dots of those parts
+  (:func:`_split_dot`: 3 bf16 / 2 fp16 parts, fp32-accurate). The atomic backward's gradient
+  dots treat a mixture as the other blocks treat their columns: bf16 inputs dot ``∂L/∂s`` in
+  bf16 against 2 bf16 parts of the mixture; fp16 inputs use ``GRAD_DTYPE``/``GRAD_PREC``.
+  fp32/fp64 inputs: both operands in ``ACC_DTYPE``, dotted with ``MIX_PREC`` (= ``DOT_PREC``).
 """
 
 from __future__ import annotations
@@ -70,13 +73,61 @@ def _inv_norm_kernel(x_ptr, out_ptr, R, D,
 
 
 @triton.jit
+def _split_dot(a, b, acc, PARTS: tl.constexpr):
+    """``acc + a @ b`` on 16-bit tensor cores for one 16-bit and one fp32 operand (either side).
+
+    Args:
+        a: (M, K), b: (K, N) tiles; exactly one is fp32, the other fp16 or bf16 (dtype ``T``).
+        acc: (M, N) fp32 accumulator.
+        PARTS: 2 or 3 (bf16 only; fp16 always uses 2).
+
+    The fp32 operand ``f`` is split into ``T`` parts ``f ≈ hi + mid (+ lo)``: ``hi = rn_T(f)``,
+    each next part rounds the exact fp32 remainder (``f - hi`` is exact in fp32). The 16-bit
+    operand is exact in ``T``, so ``a @ b`` is the sum of 2-3 plain ``T`` dots with fp32
+    accumulation and the only error beyond fp32 accumulation is the dropped remainder:
+    ``<= 2^-24 |f|`` per element for bf16 with 3 parts (the fp32 storage rounding of ``f``
+    itself), ``2^-16 |f|`` with 2; ``2^-22 |f|`` for fp16, whose second part is scaled by
+    ``2^11`` before rounding so that it never becomes subnormal (its product is scaled back).
+    Cheaper than ``input_precision="tf32x3"`` on fp32 operands (three tf32 dots on tiles twice the
+    size), which made ptxas spill the MixCSE kernels on sm_80.
+    """
+    if a.dtype == tl.float32:
+        t = b.dtype
+        hi = a.to(t)
+        rest = a - hi.to(tl.float32)
+        acc = tl.dot(hi, b, acc)
+        if t == tl.float16:
+            acc += tl.dot((rest * 2048.0).to(t), b) * (1.0 / 2048.0)
+        else:
+            mid = rest.to(t)
+            acc = tl.dot(mid, b, acc)
+            if PARTS == 3:
+                acc = tl.dot((rest - mid.to(tl.float32)).to(t), b, acc)
+    else:
+        t = a.dtype
+        hi = b.to(t)
+        rest = b - hi.to(tl.float32)
+        acc = tl.dot(a, hi, acc)
+        if t == tl.float16:
+            acc += tl.dot(a, (rest * 2048.0).to(t)) * (1.0 / 2048.0)
+        else:
+            mid = rest.to(t)
+            acc = tl.dot(a, mid, acc)
+            if PARTS == 3:
+                acc = tl.dot(a, (rest - mid.to(tl.float32)).to(t), acc)
+    return acc
+
+
+@triton.jit
 def _cos_tile(x_ptr, rx_ptr, offs_m, mask_m, y_ptr, ry_ptr, offs_n, mask_n, D,
               ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Cosine tile ``(BLOCK_M, BLOCK_N)``: ``dot(x_m, y_n) · rx_m · ry_n``, 0 outside the masks.
 
     ``x`` rows ``offs_m`` and ``y`` rows ``offs_n`` of two (·, D) matrices; the dot runs over D in
-    ``BLOCK_K`` steps. ``UPCAST`` casts both operands to ``ACC_DTYPE`` (mixed-dtype segments).
+    ``BLOCK_K`` steps. ``UPCAST`` (mixed-dtype segments: MixCSE's fp32 mixtures): a 16-bit operand
+    against an fp32 one runs as 16-bit dots of split parts (:func:`_split_dot`, ``DOT_PREC``
+    unused); otherwise both operands are cast to ``ACC_DTYPE``.
     """
     offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * D
@@ -87,10 +138,13 @@ def _cos_tile(x_ptr, rx_ptr, offs_m, mask_m, y_ptr, ry_ptr, offs_n, mask_n, D,
         mk = kk < D
         x = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0)
         y = tl.load(y_cols + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST:
-            x = x.to(ACC_DTYPE)
-            y = y.to(ACC_DTYPE)
-        acc = tl.dot(x, y, acc, input_precision=DOT_PREC)
+        if UPCAST and (x.dtype != y.dtype) and (ACC_DTYPE == tl.float32):
+            acc = _split_dot(x, y, acc, 3)  # a 16-bit input against an fp32 mixture
+        else:
+            if UPCAST:
+                x = x.to(ACC_DTYPE)
+                y = y.to(ACC_DTYPE)
+            acc = tl.dot(x, y, acc, input_precision=DOT_PREC)
     rx = tl.load(rx_ptr + offs_m, mask=mask_m, other=0.0)
     ry = tl.load(ry_ptr + offs_n, mask=mask_n, other=0.0)
     return acc * rx[:, None] * ry[None, :]
@@ -355,8 +409,11 @@ def _bwd_tile_atomic_kernel(x_ptr, rx_ptr, y_ptr, ry_ptr, tau_ptr, w_ptr, labels
         mask_do = offs_do < D
         if ROW_GRAD:
             y = tl.load(y_ptr + y_rows + offs_do[None, :], mask=mask_n[:, None] & mask_do[None, :], other=0.0)
-            if MIXED:
-                part = tl.dot(dsc, y.to(ACC_DTYPE), input_precision=DOT_PREC, out_dtype=ACC_DTYPE)
+            if MIXED and GRAD_DTYPE != ACC_DTYPE:  # 16-bit ∂L/∂s against the fp32 mixture mix3
+                part = _split_dot(dsc.to(GRAD_DTYPE), y, tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC_DTYPE), 2)
+            elif MIXED:
+                part = tl.dot(dsc.to(GRAD_DTYPE), y.to(GRAD_DTYPE), input_precision=GRAD_PREC,
+                              out_dtype=ACC_DTYPE)
             else:
                 part = tl.dot(dsc.to(GRAD_DTYPE), y.to(GRAD_DTYPE), input_precision=GRAD_PREC,
                               out_dtype=ACC_DTYPE)
@@ -364,8 +421,12 @@ def _bwd_tile_atomic_kernel(x_ptr, rx_ptr, y_ptr, ry_ptr, tau_ptr, w_ptr, labels
                           sem="relaxed")
         if COL_GRAD:
             x = tl.load(x_ptr + x_rows + offs_do[None, :], mask=mask_m[:, None] & mask_do[None, :], other=0.0)
-            if MIXED:
-                part = tl.dot(tl.trans(dsr), x.to(ACC_DTYPE), input_precision=DOT_PREC, out_dtype=ACC_DTYPE)
+            if MIXED and GRAD_DTYPE != ACC_DTYPE:  # 16-bit ∂L/∂s against the fp32 mixture mix4
+                part = _split_dot(tl.trans(dsr.to(GRAD_DTYPE)), x,
+                                  tl.zeros((BLOCK_N, BLOCK_DO), dtype=ACC_DTYPE), 2)
+            elif MIXED:
+                part = tl.dot(tl.trans(dsr.to(GRAD_DTYPE)), x.to(GRAD_DTYPE), input_precision=GRAD_PREC,
+                              out_dtype=ACC_DTYPE)
             else:
                 part = tl.dot(tl.trans(dsr.to(GRAD_DTYPE)), x.to(GRAD_DTYPE), input_precision=GRAD_PREC,
                               out_dtype=ACC_DTYPE)

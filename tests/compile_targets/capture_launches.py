@@ -40,6 +40,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import make_backend  # noqa: E402
 from triton.runtime import jit as _jit  # noqa: E402
@@ -109,6 +110,42 @@ class Recorder:
         return None
 
 
+_GEMMS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm,
+          torch.ops.aten.matmul, torch.ops.aten.addmm_, torch.ops.aten.baddbmm_, torch.ops.aten.addmv,
+          torch.ops.aten.mv, torch.ops.aten.dot}
+
+
+class SkipGemms(TorchDispatchMode):
+    """Torch GEMMs and large dtype conversions return uninitialised outputs instead of computing.
+
+    The default backward follows its ``∂L/∂s`` kernel with torch GEMMs (on CPU after upcasting
+    16-bit chunks to fp32); at real N they would take minutes per case on a CPU, and they launch
+    no Triton kernel, so the capture skips their arithmetic (shapes, strides and dtypes from the
+    meta kernels; ``out=`` and in-place forms return their output tensor). The kernels never
+    run either, so no value computed here is ever meaningful, and the launchers never read one
+    back on the host.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        big_copy = (func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.to)
+                    and isinstance(args[0], torch.Tensor) and args[0].numel() >= 1 << 20)
+        if func.namespace != "aten":  # the package's custom ops: run their CPU kernel under this mode
+            with self:
+                return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
+        if func.overloadpacket not in _GEMMS and not big_copy:
+            return func(*args, **kwargs)
+        if "out" in kwargs:
+            return kwargs["out"]
+        if func.overloadpacket in (torch.ops.aten.addmm_, torch.ops.aten.baddbmm_):
+            return args[0]
+        meta = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
+        out = func(*meta[0], **meta[1])
+        if big_copy and out.dtype == args[0].dtype:
+            return func(*args, **kwargs)  # a no-op .to() (or a same-dtype copy): as is
+        return torch.empty_strided(out.shape, out.stride(), dtype=out.dtype)
+
+
 def run_case(n: int, d: int, dtype: torch.dtype, option_set: str) -> None:
     """Forward and backward of one case through ``triton_loss.triton_info_nce`` (launches recorded)."""
     has_neg, kwargs, learnable = OPTION_SETS[option_set]
@@ -119,8 +156,9 @@ def run_case(n: int, d: int, dtype: torch.dtype, option_set: str) -> None:
     with torch.no_grad():  # the kernels do not run: give the host-side code finite values
         for t in (a, p) + ((neg,) if has_neg else ()):
             t.normal_()
-    loss = triton_loss.triton_info_nce(a, p, neg, torch.arange(n), options)
-    loss.backward()
+    with SkipGemms():
+        loss = triton_loss.triton_info_nce(a, p, neg, torch.arange(n), options)
+        loss.backward()
 
 
 def capture(n: int, dtypes, option_sets, dims, paths) -> dict:

@@ -2,8 +2,9 @@
 
     python benchmarks/merge_runs.py runs/*/bench_loss.json --out benchmarks/results/cpu
 
-Writes ``bench_loss.{csv,json,md}`` under ``--out`` (rows of every run, a later run's row replacing
-an earlier one of the same case; ``meta.runs`` = each run's own meta) and, unless ``--no-summary``, ``SUMMARY.md`` via ``summarize.py``. When
+Writes ``bench_loss.{csv,json,md}`` and the plots (one set per D) under ``--out`` (rows of every
+run, a later run's row replacing an earlier one of the same case; ``meta.runs`` = each run's own
+meta) and, unless ``--no-summary``, ``SUMMARY.md`` via ``summarize.py``. When
 :mod:`simcse_kernels.analysis.gemm_count` exists, each ``ours`` row also gets ``gemm_equiv_counted``:
 the GEMM-equivalents one forward+backward of that backend actually performs (counted on CPU).
 ``gemm_equiv`` stays the nominal 3 of the FLOP convention.
@@ -97,10 +98,11 @@ def main(argv=None) -> int:
     ap.add_argument("runs", nargs="+", type=Path, help="bench_loss.json files")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--no-summary", action="store_true")
+    ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
     rows, meta = merge(args.runs)
     meta["gemm_count"] = add_gemm_counts(rows)
-    paths = bench_loss.write_outputs(rows, meta, args.out, plots=False)
+    paths = bench_loss.write_outputs(rows, meta, args.out, plots=not args.no_plots)
     if not args.no_summary:
         import summarize
 

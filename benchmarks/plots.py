@@ -60,7 +60,8 @@ def _panel(ax, rows: list[dict], value: str, ylabel: str) -> None:
 
 
 def plot_results(rows: list[dict], out: Path, label: str) -> list[Path]:
-    """Write ``time_vs_n_<dtype>_<pass>.png`` and ``memory_vs_n_<dtype>_<pass>.png``; return the paths.
+    """Write ``time_vs_n_<dtype>_<pass>.png`` and ``memory_vs_n_<dtype>_<pass>.png`` (``_d<D>`` appended
+    when the rows hold several D); return the paths.
 
     Args:
         rows: result rows of ``bench_loss`` (keys provider, status, n, mode, pass, dtype, d,
@@ -69,11 +70,12 @@ def plot_results(rows: list[dict], out: Path, label: str) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    combos = list(dict.fromkeys((r["dtype"], r["pass"]) for r in rows))
-    for dname, pass_ in combos:
-        sub = [r for r in rows if r["dtype"] == dname and r["pass"] == pass_]
+    combos = list(dict.fromkeys((r["dtype"], r["pass"], r["d"]) for r in rows))
+    for dname, pass_, d in combos:
+        sub = [r for r in rows if r["dtype"] == dname and r["pass"] == pass_ and r["d"] == d]
         modes = list(dict.fromkeys(r["mode"] for r in sub))
-        d = sub[0]["d"]
+        # one D per (dtype, pass): the plain names; several (merged runs): a _d<D> suffix each
+        suffix = f"_d{d}" if sum(1 for c in combos if c[:2] == (dname, pass_)) > 1 else ""
         for value, ylabel, stem in (("time_ms_median", "median time (ms)", "time_vs_n"),
                                     ("peak_extra_mib", "peak extra memory (MiB)", "memory_vs_n")):
             if not any(r.get(value) is not None for r in sub):
@@ -94,7 +96,7 @@ def plot_results(rows: list[dict], out: Path, label: str) -> list[Path]:
             fig.suptitle(f"InfoNCE loss {what} vs batch N — {PASS_TITLE.get(pass_, pass_)}, {dname}, D={d} — {label}"
                          "  (x = OOM)", fontsize=11)
             fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-            path = out / f"{stem}_{dname}_{pass_}.png"
+            path = out / f"{stem}_{dname}_{pass_}{suffix}.png"
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(path)

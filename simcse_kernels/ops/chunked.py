@@ -173,8 +173,8 @@ def chunked_per_row_loss(
 # Scalar reductions: row chunks, gradient formed in the forward pass (3 GEMM-equivalents).
 # ---------------------------------------------------------------------------------------------
 
-#: most rows per chunk by device type (the budget may allow more): on CPU a chunk whose rows stay
-#: small keeps the softmax and the GEMM panels in cache (measured, see benchmarks/README.md)
+#: most rows per chunk by device type (the budget may allow more): on CPU 256-1024 rows measured
+#: alike and fewer slower (per-chunk overhead); see benchmarks/README.md, "CPU results"
 MAX_ROWS = {"cpu": 512}
 
 

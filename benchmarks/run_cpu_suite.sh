@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The committed CPU results (benchmarks/results/cpu/): each (D, N) group in its own fresh process,
 # fp32 forward+backward, 1 torch thread, the load average sampled every 30 s into load.log.
-# Usage: bash benchmarks/run_cpu_suite.sh [OUT_DIR] [STAGES]   (STAGES: comma list of 1..4, default all)
+# Usage: bash benchmarks/run_cpu_suite.sh [OUT_DIR] [STAGES]   (STAGES: comma list of 1..5, default 1,2,3,4)
 set -u
 OUT=${1:-benchmarks/results/cpu}
 STAGES=${2:-1,2,3,4}
@@ -27,4 +27,12 @@ stage 3 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 16384 --dim 25
 stage 4 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 16384 --dim 768 --modes unsup \
     --providers naive,compile,torch --input-sets 1 --repeats 2 --case-seconds 200 --cpu-mem-cap-gb 8 --no-memory \
     --label "$LABEL" --out "$RUNS/d768_n16384" --time-budget 1500
+# 5 (not in the default stages): re-measure only the symmetric rows of stages 1 and 2 (runs/e_sym_*;
+#   merge_runs lets a later run's row replace an earlier one), as done for the committed results
+#   after the one-chunk symmetric change
+stage 5 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 1024,4096 --dim 256 --input-sets 3 --repeats 3 \
+    --modes symmetric --label "$LABEL" --out "$RUNS/e_sym_d256_small" --time-budget 900
+stage 5 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 4096 --dim 768 --input-sets 2 --repeats 3 \
+    --modes symmetric --providers naive,compile,st_mnrl,torch --no-memory --label "$LABEL" \
+    --out "$RUNS/e_sym_d768_n4096" --time-budget 600
 python benchmarks/merge_runs.py "$RUNS"/*/bench_loss.json --out "$OUT"

@@ -334,8 +334,10 @@ class FusedCachedMultipleNegativesRankingLoss(FusedMultipleNegativesRankingLoss)
         def loss_from_embeddings(z: Tensor) -> Tensor:
             return self.compute_loss_from_embeddings(list(z.split(sizes)), labels)
 
+        # the model writes its outputs (token embeddings, ...) into the features dict it gets: a fresh shallow copy
+        # per call keeps them from piling up in the mini-batch dicts, which live for the whole step
         return deferred_grad_cache_loss(
-            lambda mb: _sentence_embedding(model, mb), chunks, loss_from_embeddings,
+            lambda mb: _sentence_embedding(model, dict(mb)), chunks, loss_from_embeddings,
             cuda_devices=cuda_devices_of(model), show_progress_bar=self.show_progress_bar,
         )
 

@@ -36,7 +36,8 @@ Conventions shared by every kernel
   is split into 16-bit parts and the cosines are 16-bit tensor-core dots of those parts
   (:func:`_split_dot`: 3 bf16 / 2 fp16 parts, fp32-accurate). The atomic backward's gradient
   dots treat a mixture as the other blocks treat their columns: bf16 inputs dot ``∂L/∂s`` in
-  bf16 against 2 bf16 parts of the mixture; fp16 inputs use ``GRAD_DTYPE``/``GRAD_PREC``.
+  bf16 against the mixture rounded to bf16 (one more 2^-8 relative rounding of that block's
+  gradient terms; 2 parts spilled registers on sm_80); fp16 inputs use ``GRAD_DTYPE``/``GRAD_PREC``.
   fp32/fp64 inputs: both operands in ``ACC_DTYPE``, dotted with ``MIX_PREC`` (= ``DOT_PREC``).
 """
 
@@ -79,15 +80,15 @@ def _split_dot(a, b, acc, PARTS: tl.constexpr):
     Args:
         a: (M, K), b: (K, N) tiles; exactly one is fp32, the other fp16 or bf16 (dtype ``T``).
         acc: (M, N) fp32 accumulator.
-        PARTS: 2 or 3 (bf16 only; fp16 always uses 2).
+        PARTS: 1, 2 or 3 (bf16 only; fp16 always uses 2).
 
     The fp32 operand ``f`` is split into ``T`` parts ``f ≈ hi + mid (+ lo)``: ``hi = rn_T(f)``,
     each next part rounds the exact fp32 remainder (``f - hi`` is exact in fp32). The 16-bit
     operand is exact in ``T``, so ``a @ b`` is the sum of 2-3 plain ``T`` dots with fp32
     accumulation and the only error beyond fp32 accumulation is the dropped remainder:
     ``<= 2^-24 |f|`` per element for bf16 with 3 parts (the fp32 storage rounding of ``f``
-    itself), ``2^-16 |f|`` with 2; ``2^-22 |f|`` for fp16, whose second part is scaled by
-    ``2^11`` before rounding so that it never becomes subnormal (its product is scaled back).
+    itself), ``2^-16 |f|`` with 2, ``2^-8 |f|`` with 1 (``f`` rounded to bf16); ``2^-22 |f|``
+    for fp16, whose second part is scaled by ``2^11`` before rounding so that it never becomes subnormal (its product is scaled back).
     Cheaper than ``input_precision="tf32x3"`` on fp32 operands (three tf32 dots on tiles twice the
     size), which made ptxas spill the MixCSE kernels on sm_80.
     """
@@ -98,7 +99,7 @@ def _split_dot(a, b, acc, PARTS: tl.constexpr):
         acc = tl.dot(hi, b, acc)
         if t == tl.float16:
             acc += tl.dot((rest * 2048.0).to(t), b) * (1.0 / 2048.0)
-        else:
+        elif PARTS >= 2:
             mid = rest.to(t)
             acc = tl.dot(mid, b, acc)
             if PARTS == 3:
@@ -110,7 +111,7 @@ def _split_dot(a, b, acc, PARTS: tl.constexpr):
         acc = tl.dot(a, hi, acc)
         if t == tl.float16:
             acc += tl.dot(a, (rest * 2048.0).to(t)) * (1.0 / 2048.0)
-        else:
+        elif PARTS >= 2:
             mid = rest.to(t)
             acc = tl.dot(a, mid, acc)
             if PARTS == 3:
@@ -410,7 +411,7 @@ def _bwd_tile_atomic_kernel(x_ptr, rx_ptr, y_ptr, ry_ptr, tau_ptr, w_ptr, labels
         if ROW_GRAD:
             y = tl.load(y_ptr + y_rows + offs_do[None, :], mask=mask_n[:, None] & mask_do[None, :], other=0.0)
             if MIXED and GRAD_DTYPE != ACC_DTYPE:  # 16-bit ∂L/∂s against the fp32 mixture mix3
-                part = _split_dot(dsc.to(GRAD_DTYPE), y, tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC_DTYPE), 2)
+                part = _split_dot(dsc.to(GRAD_DTYPE), y, tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC_DTYPE), 1)
             elif MIXED:
                 part = tl.dot(dsc.to(GRAD_DTYPE), y.to(GRAD_DTYPE), input_precision=GRAD_PREC,
                               out_dtype=ACC_DTYPE)
@@ -423,7 +424,7 @@ def _bwd_tile_atomic_kernel(x_ptr, rx_ptr, y_ptr, ry_ptr, tau_ptr, w_ptr, labels
             x = tl.load(x_ptr + x_rows + offs_do[None, :], mask=mask_m[:, None] & mask_do[None, :], other=0.0)
             if MIXED and GRAD_DTYPE != ACC_DTYPE:  # 16-bit ∂L/∂s against the fp32 mixture mix4
                 part = _split_dot(tl.trans(dsr.to(GRAD_DTYPE)), x,
-                                  tl.zeros((BLOCK_N, BLOCK_DO), dtype=ACC_DTYPE), 2)
+                                  tl.zeros((BLOCK_N, BLOCK_DO), dtype=ACC_DTYPE), 1)
             elif MIXED:
                 part = tl.dot(tl.trans(dsr.to(GRAD_DTYPE)), x.to(GRAD_DTYPE), input_precision=GRAD_PREC,
                               out_dtype=ACC_DTYPE)

@@ -87,17 +87,25 @@ the CUDA heuristics under the interpreter too. On CUDA, heuristics by dtype and 
 ``SIMCSE_TRITON_AUTOTUNE=1`` (forward kernels; the ``∂L/∂s`` kernel uses the heuristics, its grid
 and partial-sum buffer depend on the blocks):
 
-* 16-bit: forward and ``∂L/∂s`` kernel 128 x 64 x 64 (8 warps, 3 stages); atomic backward
-  64 x 64 x 64 and ``BLOCK_DO = min(128, next_pow2(D))`` (8 warps, 2 stages).
-* fp32: forward and ``∂L/∂s`` 64 x 64 x 32; atomic backward 64 x 32 x 32,
-  ``BLOCK_DO = min(128, next_pow2(D))`` (4 warps; with "ieee" these dots run on CUDA cores).
+* 16-bit: forward and ``∂L/∂s`` kernel 128 x 64 x 32 (8 warps, 3 stages); atomic backward
+  64 x 64 x 64 and ``BLOCK_DO = min(64, next_pow2(D))`` (8 warps, 2 stages).
+* fp32: forward 64 x 64 x 16, ``∂L/∂s`` 64 x 64 x 32 (4 warps, 2 stages); atomic backward 64 x 32 x 32,
+  ``BLOCK_DO = min(32, next_pow2(D))`` (8 warps; with "ieee" these dots run on CUDA cores).
 * fp64: 32 x 32 x 16, ``BLOCK_DO = min(64, next_pow2(D))``.
 
+These compile for sm_80 and sm_90 (Triton 3.9; bf16/fp16 also 3.6) without register spills, within the
+shared-memory limits and with tensor-core MMAs in every 16-bit dot (tests/test_compile_targets.py;
+``BLOCK_K = 64`` forward tiles spilled with the MixCSE blocks on sm_80, ``BLOCK_DO = 128``
+atomic tiles spilled on sm_80 and, in fp32, on sm_90; fp32 forward tiles with ``BLOCK_K = 32``
+spilled on sm_90 with 8 warps and on sm_80 with 4).
+
 Dot precision: the cosine dots of 16-bit inputs are exact products with fp32 accumulation;
-the MixCSE blocks (16-bit input x fp32 mixture) use ``"tf32x3"`` (fp32-accurate on tensor cores;
-"ieee" on ROCm). Gradient GEMMs of the default backward: see "Storage dtype" above. The atomic
-backward's gradient dots: bf16 inputs cast ``∂L/∂s`` to bf16; fp16 inputs keep it fp32 with
-``"tf32x3"``; fp32/fp64 use the forward's precision.
+the MixCSE blocks (16-bit input x fp32 mixture) split the mixture into 16-bit parts (3 bf16 /
+2 fp16, fp32-accurate; ``_split_dot`` in triton_kernels.py) and run 16-bit tensor-core dots.
+Gradient GEMMs of the default backward: see "Storage dtype" above. The atomic backward's
+gradient dots: bf16 inputs cast ``∂L/∂s`` to bf16 (and a MixCSE mixture too); fp16 inputs keep
+``∂L/∂s`` fp32 and dot it as tf32 (fp16's 11-bit significand with fp32's range, so it does not
+underflow; "ieee" without tf32); fp32/fp64 use the forward's precision.
 
 Custom ops
 ----------
@@ -186,6 +194,7 @@ def block_config(kind: str, d: int, dtype: torch.dtype) -> dict:
         if _interpreting():  # (no dots: the GEMM count keeps the interpreter's fast blocks)
             return dict(BLOCK_R=16, BLOCK_D=min(256, max(16, _next_pow2(d))))
         return dict(BLOCK_R=8, BLOCK_D=min(128, max(16, _next_pow2(d))), num_warps=4)
+    dlogits = kind == "dlogits"
     if kind == "dlogits":
         kind = "fwd"
     if _interpreter_blocks():
@@ -196,17 +205,19 @@ def block_config(kind: str, d: int, dtype: torch.dtype) -> dict:
     d_pow2 = max(16, _next_pow2(d))
     if dtype == torch.float64:
         cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, BLOCK_DO=min(64, d_pow2), num_warps=4, num_stages=2)
+    # (warps, BLOCK_K and BLOCK_DO chosen so that no kernel spills registers when compiled for
+    # sm_80 and sm_90: tests/test_compile_targets.py)
     elif dtype == torch.float32:
         if kind == "fwd":
-            cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+            cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32 if dlogits else 16, num_warps=4, num_stages=2)
         else:
-            cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, BLOCK_DO=min(128, d_pow2), num_warps=4,
+            cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, BLOCK_DO=min(32, d_pow2), num_warps=8,
                        num_stages=2)
     else:
         if kind == "fwd":
-            cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64 if d >= 64 else 32, num_warps=8, num_stages=3)
+            cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
         else:
-            cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64 if d >= 64 else 32, BLOCK_DO=min(128, d_pow2),
+            cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64 if d >= 64 else 32, BLOCK_DO=min(64, d_pow2),
                        num_warps=8, num_stages=2)
     if kind == "fwd":
         cfg.pop("BLOCK_DO", None)
@@ -296,9 +307,9 @@ def _precisions(dtype: torch.dtype, device: torch.device) -> dict:
     if dtype == torch.bfloat16:
         return dict(ACC_DTYPE=tl.float32, DOT_PREC=dot_prec, MIX_PREC=fp32_exact, GRAD_DTYPE=tl.bfloat16,
                     GRAD_PREC=dot_prec)
-    if dtype == torch.float16:
+    if dtype == torch.float16:  # fp32 ∂L/∂s rounded to tf32 (fp16's mantissa, fp32's range: no underflow)
         return dict(ACC_DTYPE=tl.float32, DOT_PREC=dot_prec, MIX_PREC=fp32_exact, GRAD_DTYPE=tl.float32,
-                    GRAD_PREC=fp32_exact)
+                    GRAD_PREC="ieee" if no_tf32 else "tf32")
     return dict(ACC_DTYPE=tl.float32, DOT_PREC=dot_prec, MIX_PREC=dot_prec, GRAD_DTYPE=tl.float32,
                 GRAD_PREC=dot_prec)
 

@@ -181,10 +181,15 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--only", default=None, help="regex on kernel names: compile only those")
+    parser.add_argument("--dtypes", default=None,
+                        help="comma list of input dtypes (bf16,fp16,fp32): only specs launched by those cases")
     parser.add_argument("--out", default=None, help="write the JSON report here")
     args = parser.parse_args(argv)
     specs = json.loads(Path(args.specs).read_text())["launches"]
     selected = [s for s in specs if args.only is None or re.search(args.only, s["kernel"])]
+    if args.dtypes:
+        wanted = set(args.dtypes.split(","))
+        selected = [s for s in selected if any(c.split("/")[0] in wanted for c in s.get("cases", []))]
     start = time.perf_counter()
     results = compile_specs(selected, args.arch, args.jobs)
     report = dict(triton=triton.__version__, seconds=time.perf_counter() - start, specs=selected,

@@ -113,13 +113,13 @@ def _parse_ptxas(log: str, name: str) -> dict:
 
 def compile_one(spec: dict, arch: int) -> dict:
     """Compile one spec for ``sm_<arch>``; returns its metrics (see the module docstring)."""
-    fn = _kernel(spec["kernel"])
-    constexprs = {k: _constexpr(v) for k, v in spec["constexprs"].items()}
-    attrs = {(fn.arg_names.index(k),): [tuple(a) for a in v] for k, v in spec["attrs"].items()}
-    src = ASTSource(fn, dict(spec["signature"]), constexprs, attrs)
     start = time.perf_counter()
     log = io.StringIO()
-    try:
+    try:  # (a spec that no longer matches the kernel's arguments is reported as an error too)
+        fn = _kernel(spec["kernel"])
+        constexprs = {k: _constexpr(v) for k, v in spec["constexprs"].items()}
+        attrs = {(fn.arg_names.index(k),): [tuple(a) for a in v] for k, v in spec["attrs"].items()}
+        src = ASTSource(fn, dict(spec["signature"]), constexprs, attrs)
         with contextlib.redirect_stdout(log):
             kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(spec["options"]))
     except Exception as exc:  # reported, not raised: the caller asserts on it

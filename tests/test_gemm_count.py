@@ -54,6 +54,41 @@ def test_triton_default_backward_gemm_count(mode, d):
     assert r["gemm_equiv"] <= _bound("triton", mode)
 
 
+MIX_MODES = ["mixcse", "mixcse_sup", "everything"]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("mode", MIX_MODES)
+def test_triton_mixcse_gemm_count_16bit(mode, dtype):
+    """MixCSE in bf16/fp16: one 16-bit dot per logit tile (the mixed tiles come from raw dots by
+    linearity), so the count is exactly the fp32 formula. N = 128: a multiple of the 16-bit CUDA
+    blocks (forward 128 x 64 x 32, ∂L/∂s 64 x 64 x 64). The interpreter's dot is wrapped twice here
+    (conftest's bf16 patch on the class, the counter on the instance): every dot is counted once,
+    and every dot has two 16-bit operands (no fp32 mixture operand; the count rules out split parts)."""
+    import torch
+    from triton.runtime import interpreter
+
+    seen = []
+    builder = interpreter.interpreter_builder
+    cls_dot = type(builder).create_dot
+
+    def spy(self, a, b, d, *args, **kwargs):
+        seen.append((str(a.dtype), str(b.dtype)))
+        return cls_dot(self, a, b, d, *args, **kwargs)
+
+    n, d = 128, 128
+    type(builder).create_dot = spy
+    try:
+        r = gc.count_flops("triton", mode, n, d, getattr(torch, dtype))
+    finally:
+        type(builder).create_dot = cls_dot
+    assert r["gemm_equiv"] == pytest.approx(expected_triton(mode, n), abs=1e-9)
+    assert r["gemm_equiv"] <= _bound("triton", mode)
+    assert seen and r["dot_flops"] >= 2 * r["unit_flops"]
+    assert all(a == b == ("bf16" if dtype == "bfloat16" else "fp16") for a, b in seen), set(seen)
+
+
 @needs_interpreter
 def test_triton_gemm_count_all_options_and_several_row_chunks():
     """N = 128 with a budget of exactly 64 rows per ∂L/∂s chunk (two chunks): chunking adds no work."""

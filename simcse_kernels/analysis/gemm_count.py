@@ -8,7 +8,9 @@ Unit: one similarity GEMM, ``2·N·M·D`` FLOPs, with M every logit column of a 
   imported). Inside :func:`count_flops` the interpreter's ``tl.dot`` (``InterpreterBuilder.
   create_dot``) is wrapped to add ``2·m·n·k`` per call, and ``SIMCSE_TRITON_BLOCKS=cuda`` makes
   ``block_config`` return the block sizes a CUDA device would get, so the count is the one of a
-  GPU launch (padding included: use N, M multiples of the blocks and D of ``BLOCK_K``).
+  GPU launch (padding included: use N, M multiples of the blocks and D of ``BLOCK_K``; 16-bit
+  inputs: N a multiple of 128, their forward's ``BLOCK_M``). MixCSE's mixed blocks are formed from
+  raw input-dtype dots by linearity, so every dtype counts the same (one dot per logit tile).
   The torch matmuls the backend calls inside its custom ops (the default backward's gradient
   GEMMs) are counted by a :class:`~torch.utils.flop_counter.FlopCounterMode` entered inside the
   custom-op bodies (a dispatch mode around the call does not see into a custom op's kernel).
@@ -194,8 +196,8 @@ def count_gemm_equivalents(backend: str, mode: str, n: int, d: int, dtype: torch
 
 
 def gemm_table(backends=("triton", "torch", "naive"), modes=tuple(MODES), dims=(128, 384, 768, 1024), n: int = 64,
-               reduction: str = "mean") -> list[dict]:
-    """One row per (backend, mode, D): :func:`count_flops` plus the keys backend, mode, n, d and bound.
+               reduction: str = "mean", dtype: torch.dtype = torch.float32) -> list[dict]:
+    """One row per (backend, mode, D): :func:`count_flops` plus the keys backend, mode, n, d, dtype and bound.
 
     Triton backends are skipped (with ``"skipped"`` set) when the kernels are not interpreted.
     For the benchmark JSON; N = 64 is a multiple of every CUDA block of fp32 inputs.
@@ -204,10 +206,10 @@ def gemm_table(backends=("triton", "torch", "naive"), modes=tuple(MODES), dims=(
     for backend in backends:
         for mode in modes:
             for d in dims:
-                row = dict(backend=backend, mode=mode, n=n, d=d, reduction=reduction,
+                row = dict(backend=backend, mode=mode, n=n, d=d, reduction=reduction, dtype=str(dtype),
                            bound=gemm_bound(backend, bool(MODES[mode].get("symmetric"))))
                 try:
-                    row.update(count_flops(backend, mode, n, d, reduction=reduction))
+                    row.update(count_flops(backend, mode, n, d, dtype, reduction=reduction))
                 except RuntimeError as exc:  # Triton without the interpreter
                     row["skipped"] = str(exc)
                 rows.append(row)
@@ -225,9 +227,11 @@ def _main(argv=None) -> None:
     parser.add_argument("--d", nargs="+", type=int, default=[128, 384, 768, 1024])
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--reduction", default="mean", choices=["mean", "sum", "none"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"],
+                        help="input dtype (16-bit: use --n 128, a multiple of their CUDA blocks)")
     parser.add_argument("--json", help="write the rows to this JSON file")
     args = parser.parse_args(argv)
-    rows = gemm_table(args.backends, args.modes, args.d, args.n, args.reduction)
+    rows = gemm_table(args.backends, args.modes, args.d, args.n, args.reduction, getattr(torch, args.dtype))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -20,8 +20,17 @@ normalized copies) and need only a row scaling afterwards:
 ``Σ_c ds_ic c_c = r_i ∂â_i`` and ``Σ_i ds_ic a_i = r_c ∂ĉ_c``. The mix4 block's row ``i`` is the
 detached ``mix4_i`` (not ``a_i``; its ``r_i`` is mix4's); its logits are ``cos(mix4_i, p_j)``.
 
-``dtau_ptr`` (R, n_tiles) receives ``Σ_{j in tile} ∂L/∂s_ij · cos_ij`` per (row, column tile):
-``∂L/∂tau = −(1/tau²) Σ`` of it, reduced in torch (a fixed-order reduction: deterministic).
+MixCSE (``HAS_MIX``, P = N): the mix3 and mix4 blocks have no programs of their own. The program of
+positives column tile ``n`` computes, in one K loop, the three raw dots ``a_m·p_n``,
+``a_m·p_{(n+1) mod N}`` and ``a_{(m+1) mod N}·p_n`` and forms the positives, mix3 and mix4 tiles by
+linearity (:func:`~simcse_kernels.ops.triton_kernels._pos_mix_cos_tiles`, the forward's helper, so
+the logits are the forward's bit for bit); it writes the three blocks' columns of ``ds``. Exactly one
+dot per logit tile in every dtype, no fp32 mixture in a 16-bit dot (the triton_kernels module
+docstring, "MixCSE blocks", says why). The gradient GEMMs still use the stored mixtures.
+
+``dtau_ptr`` (R, n_tiles) receives ``Σ_{j in tile} ∂L/∂s_ij · cos_ij`` per (row, column tile)
+(a positives tile of MixCSE sums its three logit tiles): ``∂L/∂tau = −(1/tau²) Σ`` of it, reduced in
+torch (a fixed-order reduction: deterministic).
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import _cos_tile, _dlogits
+from .triton_kernels import _cos_tile, _dlogits, _pos_mix_cos_tiles
 
 
 @triton.jit
@@ -79,30 +88,102 @@ def _dlogits_segment_tile(x_ptr, rx_ptr, y_ptr, ry_ptr, offs_m, mask_m, tile, ti
 
 
 @triton.jit
+def _dlogits_store(ds, cos, rx, ry, inv_tau, offs_m, mask_m, offs_n, mask_n, ds_ptr, ld_ds, ds_col0, row_start,
+                   STORE_DS: tl.constexpr):
+    """Store ``ds · rx_i · ry_j / tau`` (the GEMM operand, module docstring) and return ``Σ_j ds · cos``.
+
+    Args: ds, cos (BLOCK_M, BLOCK_N) in ``ACC_DTYPE``; rx (BLOCK_M,), ry (BLOCK_N,) inverse norms of
+    the block's row and column features; offs/mask of rows (global anchors) and columns (in the
+    block); ds_ptr (R, ld_ds) with the block's first column at ``ds_col0``, rows from ``row_start``.
+    """
+    local = (offs_m - row_start).to(tl.int64)
+    if STORE_DS:
+        out = ds * inv_tau * rx[:, None] * ry[None, :]
+        tl.store(ds_ptr + local[:, None] * ld_ds + (ds_col0 + offs_n)[None, :],
+                 out.to(ds_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    return tl.sum(ds * cos, axis=1)
+
+
+@triton.jit
+def _dlogits_pos_mix_tile(a_ptr, ra_ptr, p_ptr, rp_ptr, rmix3_ptr, rmix4_ptr, offs_m, mask_m, tile, c_mix3,
+                          lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, lam, one_m_lam, N, D,
+                          ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
+                          SYM: tl.constexpr, STORE_DS: tl.constexpr, NEED_DTAU: tl.constexpr,
+                          ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """MixCSE: positives column tile ``tile`` with its mix3 and mix4 tiles (3 dots, 3 logit tiles).
+
+    Args:
+        a_ptr, p_ptr (N, D): raw anchors and positives; ra/rp_ptr (N,) their inverse norms;
+            rmix3/rmix4_ptr (N,) the fp32 mixtures' inverse norms.
+        offs_m, mask_m: (BLOCK_M,) global anchor rows; tile: positives column tile (also its
+            ``dtau_ptr`` column); c_mix3: ``ds`` column of mix3's first column (mix4's is ``+ N``).
+        lam, one_m_lam: λ and 1 - λ; other args as :func:`_dlogits_segment_tile`.
+    Writes the ``ds`` columns ``tile·BLOCK_N + j`` of the positives (pattern 0, targets, symmetric
+    column term), mix3 (pattern 3) and mix4 (pattern 4, rows scaled by mix4's norms) and one
+    ``dtau`` partial, the sum over the three tiles.
+    """
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    cos_pos, cos_mix3, cos_mix4 = _pos_mix_cos_tiles(a_ptr, ra_ptr, offs_m, mask_m, p_ptr, rp_ptr, offs_n, mask_n,
+                                                     rmix3_ptr, rmix4_ptr, lam, one_m_lam, N, D,
+                                                     ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    if SYM:
+        cw = tl.load(cw_ptr + offs_n, mask=mask_n, other=0.0)
+        clse = tl.load(clse_ptr + offs_n, mask=mask_n, other=0.0)
+    else:
+        cw = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+        clse = cw
+    zero = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    ra = tl.load(ra_ptr + offs_m, mask=mask_m, other=0.0)
+    rp = tl.load(rp_ptr + offs_n, mask=mask_n, other=0.0)
+    ds = _dlogits(cos_pos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, N, 0,
+                  lse, rw, g, labels, cw, clse, 0, True, SYM)
+    part = _dlogits_store(ds, cos_pos, ra, rp, inv_tau, offs_m, mask_m, offs_n, mask_n, ds_ptr, ld_ds, 0,
+                          row_start, STORE_DS)
+    ds = _dlogits(cos_mix3, inv_tau, w, offs_m, mask_m, offs_n, mask_n, N, 0,
+                  lse, rw, g, labels, zero, zero, 3, False, False)
+    rm3 = tl.load(rmix3_ptr + offs_n, mask=mask_n, other=0.0)
+    part += _dlogits_store(ds, cos_mix3, ra, rm3, inv_tau, offs_m, mask_m, offs_n, mask_n, ds_ptr, ld_ds,
+                           c_mix3, row_start, STORE_DS)
+    ds = _dlogits(cos_mix4, inv_tau, w, offs_m, mask_m, offs_n, mask_n, N, 0,
+                  lse, rw, g, labels, zero, zero, 4, False, False)
+    rm4 = tl.load(rmix4_ptr + offs_m, mask=mask_m, other=0.0)
+    part += _dlogits_store(ds, cos_mix4, rm4, rp, inv_tau, offs_m, mask_m, offs_n, mask_n, ds_ptr, ld_ds,
+                           c_mix3 + N, row_start, STORE_DS)
+    if NEED_DTAU:
+        local = (offs_m - row_start).to(tl.int64)
+        tl.store(dtau_ptr + local * n_tiles + tile, part, mask=mask_m)
+
+
+@triton.jit
 def _dlogits_chunk_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_ptr, rmix3_ptr, mix4_ptr,
-                          rmix4_ptr, tau_ptr, w_ptr, labels_ptr, lse_ptr, g_ptr, cw_ptr, clse_ptr,
+                          rmix4_ptr, tau_ptr, w_ptr, lam_ptr, labels_ptr, lse_ptr, g_ptr, cw_ptr, clse_ptr,
                           ds_ptr, dtau_ptr, row_start, row_end, N, P, K, D, ld_ds, n_tiles,
                           HAS_NEG: tl.constexpr, ANCHOR_NEG: tl.constexpr, HAS_MIX: tl.constexpr,
                           SYMMETRIC: tl.constexpr, STORE_DS: tl.constexpr, NEED_DTAU: tl.constexpr,
                           ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-                          MIX_PREC: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``r_i r_c ∂L/∂s_ic / tau`` of anchor rows ``[row_start, row_end)`` for every logit block.
 
     Args:
         a_ptr (N, D), p_ptr (P, D), neg_ptr (K, D; ``HAS_NEG``): raw features, input dtype.
-        mix3_ptr, mix4_ptr (N, D; ``HAS_MIX``): detached raw MixCSE mixtures, ``ACC_DTYPE``.
+        mix3_ptr, mix4_ptr (N, D; ``HAS_MIX``): detached raw MixCSE mixtures, ``ACC_DTYPE`` (unread:
+            their tiles come from the raw dots by linearity; only their inverse norms are used).
         ra/rp/rneg/rmix3/rmix4_ptr: matching (rows,) inverse norms, ``ACC_DTYPE``.
-        tau_ptr, w_ptr: (1,) temperature and hard-negative weight, ``ACC_DTYPE``.
+        tau_ptr, w_ptr: (1,) temperature and hard-negative weight; lam_ptr (2,): ``[λ, 1 - λ]``
+            (``HAS_MIX``); all ``ACC_DTYPE``.
         labels_ptr (N,) int64, lse_ptr (N,), g_ptr (N,): targets, forward row LSE, ∂L/∂ℓ.
         cw_ptr, clse_ptr (P,): symmetric column weight ``½ Σ_{l_i = j} g_i`` and column LSE.
         ds_ptr (R, ld_ds): output in the GEMM dtype, row ``i - row_start`` (``STORE_DS``).
         dtau_ptr (R, n_tiles): per (row, column tile) ``Σ ∂L/∂s · cos`` in ``ACC_DTYPE``
             (``NEED_DTAU``).
         row_start, row_end: the chunk's anchor rows; N, P, K, D: sizes; ld_ds: M_total.
-        n_tiles: column tiles of all blocks (``cdiv(P, BLOCK_N) + cdiv(K, BLOCK_N) + ...``).
+        n_tiles: column tiles of the blocks with programs (``cdiv(P, BLOCK_N) + cdiv(K, BLOCK_N)
+            + cdiv(N, BLOCK_N)`` with anchor negatives; MixCSE's blocks ride on the positives tiles).
     Grid: ``(cdiv(row_end - row_start, BLOCK_M), n_tiles)``; program (i, t) computes column tile
-    t of the concatenated blocks (each block padded to whole tiles), a single branch per program.
+    t of the concatenated blocks (each block padded to whole tiles), a single branch per program;
+    with ``HAS_MIX`` a positives tile also writes its mix3 and mix4 tiles.
     """
     pid_n = tl.program_id(1)
     offs_m = row_start + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -118,11 +199,24 @@ def _dlogits_chunk_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_
         rw = g
     t0 = tl.cdiv(P, BLOCK_N)
     if pid_n < t0:
-        _dlogits_segment_tile(a_ptr, ra_ptr, p_ptr, rp_ptr, offs_m, mask_m, pid_n, 0, P, 0, 0,
-                              lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D,
-                              ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
-                              0, True, SYMMETRIC, False, STORE_DS, NEED_DTAU, ACC_DTYPE, DOT_PREC,
-                              BLOCK_M, BLOCK_N, BLOCK_K)
+        if HAS_MIX:
+            c_mix3 = P
+            if HAS_NEG:
+                c_mix3 += K
+            if ANCHOR_NEG:
+                c_mix3 += N
+            lam = tl.load(lam_ptr).to(ACC_DTYPE)
+            one_m_lam = tl.load(lam_ptr + 1).to(ACC_DTYPE)
+            _dlogits_pos_mix_tile(a_ptr, ra_ptr, p_ptr, rp_ptr, rmix3_ptr, rmix4_ptr, offs_m, mask_m, pid_n, c_mix3,
+                                  lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, lam, one_m_lam, N, D,
+                                  ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
+                                  SYMMETRIC, STORE_DS, NEED_DTAU, ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            _dlogits_segment_tile(a_ptr, ra_ptr, p_ptr, rp_ptr, offs_m, mask_m, pid_n, 0, P, 0, 0,
+                                  lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D,
+                                  ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
+                                  0, True, SYMMETRIC, False, STORE_DS, NEED_DTAU, ACC_DTYPE, DOT_PREC,
+                                  BLOCK_M, BLOCK_N, BLOCK_K)
     c0 = P
     if HAS_NEG:
         t1 = t0 + tl.cdiv(K, BLOCK_N)
@@ -144,18 +238,3 @@ def _dlogits_chunk_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_
                                   BLOCK_M, BLOCK_N, BLOCK_K)
         t0 = t1
         c0 += N
-    if HAS_MIX:
-        t1 = t0 + tl.cdiv(N, BLOCK_N)
-        if (pid_n >= t0) & (pid_n < t1):
-            _dlogits_segment_tile(a_ptr, ra_ptr, mix3_ptr, rmix3_ptr, offs_m, mask_m, pid_n - t0, t0, N, 0, c0,
-                                  lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D,
-                                  ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
-                                  3, False, False, True, STORE_DS, NEED_DTAU, ACC_DTYPE, MIX_PREC,
-                                  BLOCK_M, BLOCK_N, BLOCK_K)
-        t2 = t1 + tl.cdiv(N, BLOCK_N)
-        if (pid_n >= t1) & (pid_n < t2):
-            _dlogits_segment_tile(mix4_ptr, rmix4_ptr, p_ptr, rp_ptr, offs_m, mask_m, pid_n - t1, t1, N, 0,
-                                  c0 + N, lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D,
-                                  ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
-                                  4, False, False, True, STORE_DS, NEED_DTAU, ACC_DTYPE, MIX_PREC,
-                                  BLOCK_M, BLOCK_N, BLOCK_K)

@@ -74,7 +74,12 @@ Algorithm
   nondeterministic; kept for comparison on GPUs).
 * ``∂L/∂tau = −(1/tau²) Σ ∂L/∂s · cos`` (exact, including the mix4 block when tau is learnable).
 * MixCSE's mixtures ``mix3``/``mix4`` are detached (N, D) tensors built in the compute dtype
-  (as :mod:`simcse_kernels.ops.features` does); their blocks upcast the 16-bit operand to fp32.
+  (as :mod:`simcse_kernels.ops.features` does). The forward and the ``∂L/∂s`` kernel never dot
+  them: by linearity ``a_i·mix3_j = λ a_i·p_j + (1-λ) a_i·p_{(j+1) mod N}`` and ``mix4_i·p_j =
+  λ a_i·p_j + (1-λ) a_{(i+1) mod N}·p_j``, so each positives tile runs three raw dots of the input
+  dtype and yields the positives, mix3 and mix4 tiles (one dot per logit tile in every dtype;
+  ``λ`` is passed to the kernels, the mixtures' inverse norms come from the fp32 mixtures). The
+  gradient GEMMs use the mixtures (in the ``∂L/∂s`` storage dtype); the atomic backward dots them.
 
 Block sizes
 -----------
@@ -100,8 +105,11 @@ atomic tiles spilled on sm_80 and, in fp32, on sm_90; fp32 forward tiles with ``
 spilled on sm_90 with 8 warps and on sm_80 with 4).
 
 Dot precision: the cosine dots of 16-bit inputs are exact products with fp32 accumulation;
-the MixCSE blocks (16-bit input x fp32 mixture) split the mixture into 16-bit parts (3 bf16 /
-2 fp16, fp32-accurate; ``_split_dot`` in triton_kernels.py) and run 16-bit tensor-core dots.
+the MixCSE blocks of the forward and the ``∂L/∂s`` kernel are the same exact 16-bit dots (raw
+anchors x raw positives, combined with λ in fp32: see "MixCSE's mixtures" above), one per logit
+tile, with no split and no fp32 operand; the atomic backward's MixCSE blocks (16-bit input x fp32
+mixture) split the mixture into 16-bit parts (3 bf16 / 2 fp16, fp32-accurate; ``_split_dot`` in
+triton_kernels.py).
 Gradient GEMMs of the default backward: see "Storage dtype" above. The atomic backward's
 gradient dots: bf16 inputs cast ``∂L/∂s`` to bf16 (and a MixCSE mixture too); fp16 inputs keep
 ``∂L/∂s`` fp32 and dot it as tf32 (fp16's 11-bit significand with fp32's range, so it does not
@@ -346,9 +354,10 @@ def _norm_backward(x: torch.Tensor, r: torch.Tensor, g1: torch.Tensor,
     return out
 
 
-def _prepare(anchors, positives, negatives, mix3, mix4, tau, w):
+def _prepare(anchors, positives, negatives, mix3, mix4, tau, w, mix_lambda=None):
     """Inverse norms, scalar tensors, flags, negative count and precisions shared by the forward and
-    backward launches."""
+    backward launches. ``mix_lambda``: MixCSE's λ (required with ``mix3``): ``lam_ptr`` = ``[λ, 1 - λ]``
+    in the compute dtype."""
     cdt = compute_dtype_for(anchors.dtype)
     ra = _inv_norms(anchors, cdt)
     rp = _inv_norms(positives, cdt)
@@ -360,24 +369,28 @@ def _prepare(anchors, positives, negatives, mix3, mix4, tau, w):
     rm3, rm4 = (_inv_norms(mix3, cdt), _inv_norms(mix4, cdt)) if has_mix else (ra, ra)
     tau_t = tau.detach().reshape(1).to(device=anchors.device, dtype=cdt)
     w_t = torch.full((1,), float(w), device=anchors.device, dtype=cdt)
+    if has_mix and (mix_lambda is None or positives.shape[0] != anchors.shape[0]):
+        raise ValueError("the Triton MixCSE blocks need mix_lambda and as many positives as anchors")
+    lam = float(mix_lambda) if has_mix else 0.0
+    lam_t = torch.tensor([lam, 1.0 - lam], device=anchors.device, dtype=cdt)
     ptrs = dict(a_ptr=anchors, ra_ptr=ra, p_ptr=positives, rp_ptr=rp, neg_ptr=neg, rneg_ptr=rneg,
-                mix3_ptr=m3, rmix3_ptr=rm3, mix4_ptr=m4, rmix4_ptr=rm4, tau_ptr=tau_t, w_ptr=w_t)
+                mix3_ptr=m3, rmix3_ptr=rm3, mix4_ptr=m4, rmix4_ptr=rm4, tau_ptr=tau_t, w_ptr=w_t, lam_ptr=lam_t)
     k = negatives.shape[0] if has_neg else 0
     return cdt, ptrs, has_neg, has_mix, k, _precisions(anchors.dtype, anchors.device)
 
 
 def _forward_impl(anchors, positives, negatives, mix3, mix4, tau, labels, hard_negative_weight,
-                  anchor_negatives, symmetric):
+                  anchor_negatives, symmetric, mix_lambda=None):
     n, d = anchors.shape
     n_pos = positives.shape[0]
     cdt, ptrs, has_neg, has_mix, k, prec = _prepare(anchors, positives, negatives, mix3, mix4, tau,
-                                                    hard_negative_weight)
+                                                    hard_negative_weight, mix_lambda)
     lse = torch.empty(n, device=anchors.device, dtype=cdt)
     tgt = torch.empty(n, device=anchors.device, dtype=cdt)
     _launch("fwd_row", _k._fwd_row_kernel, lambda m: (_cdiv(n, m["BLOCK_M"]),), d, anchors.dtype,
             **ptrs, labels_ptr=labels, lse_ptr=lse, tgt_ptr=tgt, N=n, P=n_pos, K=k, D=d,
             HAS_NEG=has_neg, ANCHOR_NEG=anchor_negatives, HAS_MIX=has_mix,
-            ACC_DTYPE=prec["ACC_DTYPE"], DOT_PREC=prec["DOT_PREC"], MIX_PREC=prec["MIX_PREC"])
+            ACC_DTYPE=prec["ACC_DTYPE"], DOT_PREC=prec["DOT_PREC"])
     loss = lse - tgt
     if symmetric:
         clse = torch.empty(n_pos, device=anchors.device, dtype=cdt)
@@ -393,11 +406,11 @@ def _forward_impl(anchors, positives, negatives, mix3, mix4, tau, labels, hard_n
 
 def _backward_impl(grad_rows, anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse,
                    hard_negative_weight, anchor_negatives, symmetric, need_anchors, need_positives,
-                   need_negatives, need_dtau, chunk_budget_mib=None):
+                   need_negatives, need_dtau, chunk_budget_mib=None, mix_lambda=None):
     n, d = anchors.shape
     n_pos = positives.shape[0]
     cdt, ptrs, has_neg, has_mix, k, prec = _prepare(anchors, positives, negatives, mix3, mix4, tau,
-                                                    hard_negative_weight)
+                                                    hard_negative_weight, mix_lambda)
     dev = anchors.device
     g = grad_rows.to(cdt).contiguous()
     if symmetric:
@@ -525,19 +538,19 @@ def _backward_chunked(g, cw, clse, anchors, positives, negatives, labels, lse, p
         r1 = min(n, r0 + rows_cap)
         rows = r1 - r0
         bn = cfg["BLOCK_N"]
-        n_tiles = (_cdiv(n_pos, bn) + (_cdiv(k, bn) if has_neg else 0) + _cdiv(n_an, bn)
-                   + 2 * _cdiv(n_mix, bn))
+        # MixCSE's mix3/mix4 tiles are written by the positives-tile programs (one K loop, 3 dots)
+        n_tiles = _cdiv(n_pos, bn) + (_cdiv(k, bn) if has_neg else 0) + _cdiv(n_an, bn)
         dtau_part = torch.empty(rows, n_tiles, device=dev, dtype=cdt) if need_dtau else g
         try:
             _dl._dlogits_chunk_kernel[(_cdiv(rows, cfg["BLOCK_M"]), n_tiles)](
                 **{key: ptrs[key] for key in ("a_ptr", "ra_ptr", "p_ptr", "rp_ptr", "neg_ptr", "rneg_ptr",
                                               "mix3_ptr", "rmix3_ptr", "mix4_ptr", "rmix4_ptr", "tau_ptr",
-                                              "w_ptr")},
+                                              "w_ptr", "lam_ptr")},
                 labels_ptr=labels, lse_ptr=lse, g_ptr=g, cw_ptr=cw, clse_ptr=clse,
                 ds_ptr=ds_buf if store_ds else g, dtau_ptr=dtau_part, row_start=r0, row_end=r1, N=n, P=n_pos,
                 K=k, D=d, ld_ds=m_total, n_tiles=n_tiles, HAS_NEG=has_neg, ANCHOR_NEG=anchor_negatives,
                 HAS_MIX=has_mix, SYMMETRIC=symmetric, STORE_DS=store_ds, NEED_DTAU=need_dtau,
-                ACC_DTYPE=prec["ACC_DTYPE"], DOT_PREC=prec["DOT_PREC"], MIX_PREC=prec["MIX_PREC"], **cfg)
+                ACC_DTYPE=prec["ACC_DTYPE"], DOT_PREC=prec["DOT_PREC"], **cfg)
         except OutOfResources:  # smaller GPUs: retry this chunk with smaller tiles
             cfg = _smaller(cfg)
             if cfg is None:
@@ -619,20 +632,21 @@ def triton_info_nce_fwd(
     hard_negative_weight: float,
     anchor_negatives: bool,
     symmetric: bool,
+    mix_lambda: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row losses (N,), row LSE (N,) and column LSE (P,; (0,) unless symmetric), compute dtype.
 
     Args: anchors (N, D), positives (P, D), negatives (K, D) or None — contiguous, one dtype;
     mix3, mix4 (N, D) detached MixCSE mixtures in the compute dtype, or None; tau 0-dim;
-    labels (N,) int64 in [0, P + K).
+    labels (N,) int64 in [0, P + K); mix_lambda: MixCSE's λ (required with the mixtures; P = N).
     """
     return _forward_impl(anchors, positives, negatives, mix3, mix4, tau, labels, hard_negative_weight,
-                         anchor_negatives, symmetric)
+                         anchor_negatives, symmetric, mix_lambda)
 
 
 @triton_info_nce_fwd.register_fake
 def _(anchors, positives, negatives, mix3, mix4, tau, labels, hard_negative_weight, anchor_negatives,
-      symmetric):
+      symmetric, mix_lambda=None):
     cdt = compute_dtype_for(anchors.dtype)
     n = anchors.shape[0]
     loss = anchors.new_empty((n,), dtype=cdt)
@@ -661,6 +675,7 @@ def triton_info_nce_bwd(
     need_negatives: bool,
     need_dtau: bool,
     chunk_budget_mib: float | None = None,
+    mix_lambda: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(∂anchors, ∂positives, ∂negatives, ∂tau)`` from ``grad_rows`` = ∂L/∂ℓ (N,).
 
@@ -668,17 +683,17 @@ def triton_info_nce_bwd(
     when there are none) is an empty (0, D) tensor and costs no kernel. ``∂tau`` is 0-dim in the
     compute dtype (zero unless ``need_dtau``). Other args as the forward, plus its saved ``lse``
     (N,) and ``clse`` (P,) or (0,). ``chunk_budget_mib``: the (R, M) ``∂L/∂s`` chunk budget of the
-    default backward (None: ``$SIMCSE_KERNELS_CHUNK_MIB``, else 256 MiB).
+    default backward (None: ``$SIMCSE_KERNELS_CHUNK_MIB``, else 256 MiB). ``mix_lambda``: as the forward.
     """
     return _backward_impl(grad_rows, anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse,
                           hard_negative_weight, anchor_negatives, symmetric, need_anchors, need_positives,
-                          need_negatives, need_dtau, chunk_budget_mib)
+                          need_negatives, need_dtau, chunk_budget_mib, mix_lambda)
 
 
 @triton_info_nce_bwd.register_fake
 def _(grad_rows, anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse, hard_negative_weight,
       anchor_negatives, symmetric, need_anchors, need_positives, need_negatives, need_dtau,
-      chunk_budget_mib=None):
+      chunk_budget_mib=None, mix_lambda=None):
     cdt = compute_dtype_for(anchors.dtype)
     d = anchors.shape[1]
     d_anc = torch.empty_like(anchors) if need_anchors else anchors.new_empty((0, d))
@@ -692,31 +707,31 @@ class TritonInfoNCEFunction(torch.autograd.Function):
     """Per-row InfoNCE losses (N,) in the compute dtype from raw features, via the Triton custom ops.
 
     ``forward(anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric,
-    chunk_budget_mib=None)``: shapes as :func:`triton_info_nce_fwd`; ``chunk_budget_mib`` as
-    :func:`triton_info_nce_bwd`. Gradients flow to anchors, positives, negatives and tau (never to the
+    chunk_budget_mib=None, mix_lambda=None)``: shapes as :func:`triton_info_nce_fwd`;
+    ``chunk_budget_mib`` as :func:`triton_info_nce_bwd`; ``mix_lambda``: MixCSE's λ (with the mixtures). Gradients flow to anchors, positives, negatives and tau (never to the
     detached mixtures or labels).
     """
 
     @staticmethod
     def forward(ctx, anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric,
-                chunk_budget_mib=None):
+                chunk_budget_mib=None, mix_lambda=None):
         loss, lse, clse = torch.ops.simcse_kernels.triton_info_nce_fwd(
-            anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric)
+            anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric, mix_lambda)
         ctx.save_for_backward(anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse)
-        ctx.options = (w, anchor_negatives, symmetric, chunk_budget_mib)
+        ctx.options = (w, anchor_negatives, symmetric, chunk_budget_mib, mix_lambda)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse = ctx.saved_tensors
-        w, anchor_negatives, symmetric, chunk_budget_mib = ctx.options
+        w, anchor_negatives, symmetric, chunk_budget_mib, mix_lambda = ctx.options
         need = ctx.needs_input_grad
         need_neg = need[2] and negatives is not None
         d_anc, d_pos, d_neg, d_tau = torch.ops.simcse_kernels.triton_info_nce_bwd(
             grad_loss.contiguous(), anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse,
-            w, anchor_negatives, symmetric, need[0], need[1], need_neg, need[5], chunk_budget_mib)
+            w, anchor_negatives, symmetric, need[0], need[1], need_neg, need[5], chunk_budget_mib, mix_lambda)
         return (d_anc if need[0] else None, d_pos if need[1] else None, d_neg if need_neg else None,
-                None, None, d_tau if need[5] else None, None, None, None, None, None)
+                None, None, d_tau if need[5] else None, None, None, None, None, None, None)
 
 
 def triton_info_nce(anchors, positives, negatives, labels, options):
@@ -742,5 +757,6 @@ def triton_info_nce(anchors, positives, negatives, labels, options):
         anchors.contiguous(), positives.contiguous(), None if negatives is None else negatives.contiguous(),
         mix3, mix4, tau, labels.to(torch.int64).contiguous(), float(options.hard_negative_weight),
         bool(options.anchor_negatives), bool(options.symmetric),
-        None if options.chunk_budget_mib is None else float(options.chunk_budget_mib))
+        None if options.chunk_budget_mib is None else float(options.chunk_budget_mib),
+        None if options.mix_lambda is None else float(options.mix_lambda))
     return reduce_loss(per_row, options.reduction)

@@ -63,7 +63,8 @@ MIX_MODES = ["mixcse", "mixcse_sup", "everything"]
 def test_triton_mixcse_gemm_count_16bit(mode, dtype):
     """MixCSE in bf16/fp16: one 16-bit dot per logit tile (the mixed tiles come from raw dots by
     linearity), so the count is exactly the fp32 formula. N = 128: a multiple of the 16-bit CUDA
-    blocks (forward 128 x 64 x 32, ∂L/∂s 64 x 64 x 64). The interpreter's dot is wrapped twice here
+    blocks (``block_config``: BLOCK_M 128, BLOCK_N 64, D a multiple of BLOCK_K). The interpreter's
+    dot is wrapped twice here
     (conftest's bf16 patch on the class, the counter on the instance): every dot is counted once,
     and every dot has two 16-bit operands (no fp32 mixture operand; the count rules out split parts)."""
     import torch

@@ -20,13 +20,14 @@ normalized copies) and need only a row scaling afterwards:
 ``Σ_c ds_ic c_c = r_i ∂â_i`` and ``Σ_i ds_ic a_i = r_c ∂ĉ_c``. The mix4 block's row ``i`` is the
 detached ``mix4_i`` (not ``a_i``; its ``r_i`` is mix4's); its logits are ``cos(mix4_i, p_j)``.
 
-MixCSE (``HAS_MIX``, P = N): the mix3 and mix4 blocks have no programs of their own. The program of
-positives column tile ``n`` computes, in one K loop, the three raw dots ``a_m·p_n``,
-``a_m·p_{(n+1) mod N}`` and ``a_{(m+1) mod N}·p_n`` and forms the positives, mix3 and mix4 tiles by
-linearity (:func:`~simcse_kernels.ops.triton_kernels._pos_mix_cos_tiles`, the forward's helper, so
-the logits are the forward's bit for bit); it writes the three blocks' columns of ``ds``. Exactly one
-dot per logit tile in every dtype, no fp32 mixture in a 16-bit dot (the triton_kernels module
-docstring, "MixCSE blocks", says why). The gradient GEMMs still use the stored mixtures.
+16-bit MixCSE (``HAS_MIX``, P = N): the mix3 and mix4 blocks have no programs of their own. The program of
+positives column tile ``n`` computes the three raw dots ``a_m·p_n``, ``a_m·p_{(n+1) mod N}`` and
+``a_{(m+1) mod N}·p_n`` one after the other and forms the positives, mix3 and mix4 tiles by
+linearity (:func:`~simcse_kernels.ops.triton_kernels._raw_dot_tile` and ``_mix_cos``, the forward's
+helpers, so the logits are the forward's); it writes the three blocks' columns of ``ds``. Exactly one
+dot per logit tile, no fp32 mixture in a 16-bit dot (the triton_kernels module docstring,
+"MixCSE blocks", says why). fp32/fp64 inputs keep separate mix3/mix4 tile programs that dot their
+(same-dtype) mixtures directly, also one dot per tile (the fused form spilled registers in fp32). The gradient GEMMs still use the stored mixtures.
 
 ``dtau_ptr`` (R, n_tiles) receives ``Σ_{j in tile} ∂L/∂s_ij · cos_ij`` per (row, column tile)
 (a positives tile of MixCSE sums its three logit tiles): ``∂L/∂tau = −(1/tau²) Σ`` of it, reduced in
@@ -38,7 +39,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import _cos_tile, _dlogits, _pos_mix_cos_tiles
+from .triton_kernels import _cos_tile, _dlogits, _mix_cos, _raw_dot_tile
 
 
 @triton.jit
@@ -114,8 +115,9 @@ def _dlogits_pos_mix_tile(a_ptr, ra_ptr, p_ptr, rp_ptr, rmix3_ptr, rmix4_ptr, of
     """MixCSE: positives column tile ``tile`` with its mix3 and mix4 tiles (3 dots, 3 logit tiles).
 
     Args:
-        a_ptr, p_ptr (N, D): raw anchors and positives; ra/rp_ptr (N,) their inverse norms;
-            rmix3/rmix4_ptr (N,) the fp32 mixtures' inverse norms.
+        a_ptr, p_ptr (N, D): raw anchors and positives (16-bit: fp32/fp64 inputs keep separate mix3
+            and mix4 tile programs); ra/rp_ptr (N,) their inverse norms; rmix3/rmix4_ptr (N,) the
+            fp32 mixtures' inverse norms.
         offs_m, mask_m: (BLOCK_M,) global anchor rows; tile: positives column tile (also its
             ``dtau_ptr`` column); c_mix3: ``ds`` column of mix3's first column (mix4's is ``+ N``).
         lam, one_m_lam: λ and 1 - λ; other args as :func:`_dlogits_segment_tile`.
@@ -125,31 +127,37 @@ def _dlogits_pos_mix_tile(a_ptr, ra_ptr, p_ptr, rp_ptr, rmix3_ptr, rmix4_ptr, of
     """
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    cos_pos, cos_mix3, cos_mix4 = _pos_mix_cos_tiles(a_ptr, ra_ptr, offs_m, mask_m, p_ptr, rp_ptr, offs_n, mask_n,
-                                                     rmix3_ptr, rmix4_ptr, lam, one_m_lam, N, D,
-                                                     ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    # the forward's dots and formulas (triton_kernels._row_lse_pos_mix_segment): D0, D1, D2
+    d0 = _raw_dot_tile(a_ptr, offs_m, mask_m, p_ptr, offs_n, mask_n, D, ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    ra = tl.load(ra_ptr + offs_m, mask=mask_m, other=0.0)
+    rp = tl.load(rp_ptr + offs_n, mask=mask_n, other=0.0)
     if SYM:
         cw = tl.load(cw_ptr + offs_n, mask=mask_n, other=0.0)
         clse = tl.load(clse_ptr + offs_n, mask=mask_n, other=0.0)
     else:
         cw = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
         clse = cw
-    zero = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
-    ra = tl.load(ra_ptr + offs_m, mask=mask_m, other=0.0)
-    rp = tl.load(rp_ptr + offs_n, mask=mask_n, other=0.0)
-    ds = _dlogits(cos_pos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, N, 0,
+    cos = d0 * ra[:, None] * rp[None, :]
+    ds = _dlogits(cos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, N, 0,
                   lse, rw, g, labels, cw, clse, 0, True, SYM)
-    part = _dlogits_store(ds, cos_pos, ra, rp, inv_tau, offs_m, mask_m, offs_n, mask_n, ds_ptr, ld_ds, 0,
+    part = _dlogits_store(ds, cos, ra, rp, inv_tau, offs_m, mask_m, offs_n, mask_n, ds_ptr, ld_ds, 0,
                           row_start, STORE_DS)
-    ds = _dlogits(cos_mix3, inv_tau, w, offs_m, mask_m, offs_n, mask_n, N, 0,
+    zero = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    d1 = _raw_dot_tile(a_ptr, offs_m, mask_m, p_ptr, (offs_n + 1) % N, mask_n, D, ACC_DTYPE, DOT_PREC,
+                       BLOCK_M, BLOCK_N, BLOCK_K)
+    cos = _mix_cos(d0, d1, lam, one_m_lam, ra_ptr, offs_m, mask_m, rmix3_ptr, offs_n, mask_n)
+    ds = _dlogits(cos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, N, 0,
                   lse, rw, g, labels, zero, zero, 3, False, False)
     rm3 = tl.load(rmix3_ptr + offs_n, mask=mask_n, other=0.0)
-    part += _dlogits_store(ds, cos_mix3, ra, rm3, inv_tau, offs_m, mask_m, offs_n, mask_n, ds_ptr, ld_ds,
+    part += _dlogits_store(ds, cos, ra, rm3, inv_tau, offs_m, mask_m, offs_n, mask_n, ds_ptr, ld_ds,
                            c_mix3, row_start, STORE_DS)
-    ds = _dlogits(cos_mix4, inv_tau, w, offs_m, mask_m, offs_n, mask_n, N, 0,
+    d2 = _raw_dot_tile(a_ptr, (offs_m + 1) % N, mask_m, p_ptr, offs_n, mask_n, D, ACC_DTYPE, DOT_PREC,
+                       BLOCK_M, BLOCK_N, BLOCK_K)
+    cos = _mix_cos(d0, d2, lam, one_m_lam, rmix4_ptr, offs_m, mask_m, rp_ptr, offs_n, mask_n)
+    ds = _dlogits(cos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, N, 0,
                   lse, rw, g, labels, zero, zero, 4, False, False)
     rm4 = tl.load(rmix4_ptr + offs_m, mask=mask_m, other=0.0)
-    part += _dlogits_store(ds, cos_mix4, rm4, rp, inv_tau, offs_m, mask_m, offs_n, mask_n, ds_ptr, ld_ds,
+    part += _dlogits_store(ds, cos, rm4, rp, inv_tau, offs_m, mask_m, offs_n, mask_n, ds_ptr, ld_ds,
                            c_mix3 + N, row_start, STORE_DS)
     if NEED_DTAU:
         local = (offs_m - row_start).to(tl.int64)
@@ -168,8 +176,9 @@ def _dlogits_chunk_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_
 
     Args:
         a_ptr (N, D), p_ptr (P, D), neg_ptr (K, D; ``HAS_NEG``): raw features, input dtype.
-        mix3_ptr, mix4_ptr (N, D; ``HAS_MIX``): detached raw MixCSE mixtures, ``ACC_DTYPE`` (unread:
-            their tiles come from the raw dots by linearity; only their inverse norms are used).
+        mix3_ptr, mix4_ptr (N, D; ``HAS_MIX``): detached raw MixCSE mixtures, ``ACC_DTYPE`` (read for
+            fp32/fp64 inputs only, by their own tile programs; 16-bit inputs form their tiles from raw
+            dots by linearity in the positives-tile programs).
         ra/rp/rneg/rmix3/rmix4_ptr: matching (rows,) inverse norms, ``ACC_DTYPE``.
         tau_ptr, w_ptr: (1,) temperature and hard-negative weight; lam_ptr (2,): ``[λ, 1 - λ]``
             (``HAS_MIX``); all ``ACC_DTYPE``.
@@ -180,7 +189,8 @@ def _dlogits_chunk_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_
             (``NEED_DTAU``).
         row_start, row_end: the chunk's anchor rows; N, P, K, D: sizes; ld_ds: M_total.
         n_tiles: column tiles of the blocks with programs (``cdiv(P, BLOCK_N) + cdiv(K, BLOCK_N)
-            + cdiv(N, BLOCK_N)`` with anchor negatives; MixCSE's blocks ride on the positives tiles).
+            + cdiv(N, BLOCK_N)`` with anchor negatives; 16-bit MixCSE's blocks ride on the positives
+            tiles, fp32/fp64 MixCSE adds ``2 cdiv(N, BLOCK_N)``).
     Grid: ``(cdiv(row_end - row_start, BLOCK_M), n_tiles)``; program (i, t) computes column tile
     t of the concatenated blocks (each block padded to whole tiles), a single branch per program;
     with ``HAS_MIX`` a positives tile also writes its mix3 and mix4 tiles.
@@ -198,8 +208,9 @@ def _dlogits_chunk_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_
     else:
         rw = g
     t0 = tl.cdiv(P, BLOCK_N)
+    LINEAR: tl.constexpr = HAS_MIX and (a_ptr.dtype.element_ty != ACC_DTYPE)  # 16-bit MixCSE
     if pid_n < t0:
-        if HAS_MIX:
+        if LINEAR:
             c_mix3 = P
             if HAS_NEG:
                 c_mix3 += K
@@ -207,10 +218,9 @@ def _dlogits_chunk_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_
                 c_mix3 += N
             lam = tl.load(lam_ptr).to(ACC_DTYPE)
             one_m_lam = tl.load(lam_ptr + 1).to(ACC_DTYPE)
-            _dlogits_pos_mix_tile(a_ptr, ra_ptr, p_ptr, rp_ptr, rmix3_ptr, rmix4_ptr, offs_m, mask_m, pid_n, c_mix3,
-                                  lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, lam, one_m_lam, N, D,
-                                  ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
-                                  SYMMETRIC, STORE_DS, NEED_DTAU, ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+            _dlogits_pos_mix_tile(a_ptr, ra_ptr, p_ptr, rp_ptr, rmix3_ptr, rmix4_ptr, offs_m, mask_m, pid_n,
+                                  c_mix3, lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, lam, one_m_lam, N, D,
+                                  ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles, SYMMETRIC, STORE_DS, NEED_DTAU, ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
         else:
             _dlogits_segment_tile(a_ptr, ra_ptr, p_ptr, rp_ptr, offs_m, mask_m, pid_n, 0, P, 0, 0,
                                   lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D,
@@ -238,3 +248,18 @@ def _dlogits_chunk_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_
                                   BLOCK_M, BLOCK_N, BLOCK_K)
         t0 = t1
         c0 += N
+    if HAS_MIX and not LINEAR:  # fp32/fp64: mix3/mix4 tiles dot the (input-dtype) mixtures directly
+        t1 = t0 + tl.cdiv(N, BLOCK_N)
+        if (pid_n >= t0) & (pid_n < t1):
+            _dlogits_segment_tile(a_ptr, ra_ptr, mix3_ptr, rmix3_ptr, offs_m, mask_m, pid_n - t0, t0, N, 0, c0,
+                                  lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D,
+                                  ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
+                                  3, False, False, False, STORE_DS, NEED_DTAU, ACC_DTYPE, DOT_PREC,
+                                  BLOCK_M, BLOCK_N, BLOCK_K)
+        t2 = t1 + tl.cdiv(N, BLOCK_N)
+        if (pid_n >= t1) & (pid_n < t2):
+            _dlogits_segment_tile(mix4_ptr, rmix4_ptr, p_ptr, rp_ptr, offs_m, mask_m, pid_n - t1, t1, N, 0,
+                                  c0 + N, lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D,
+                                  ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
+                                  4, False, False, False, STORE_DS, NEED_DTAU, ACC_DTYPE, DOT_PREC,
+                                  BLOCK_M, BLOCK_N, BLOCK_K)

@@ -35,15 +35,18 @@ Conventions shared by every kernel
 * MixCSE blocks, forward and default backward (``∂L/∂s`` kernel): by linearity, with
   ``p_{j+1} = p_{(j+1) mod N}`` and ``a_{i+1} = a_{(i+1) mod N}`` (MixCSE requires P = N),
   ``a_i·mix3_j = λ (a_i·p_j) + (1-λ) (a_i·p_{j+1})`` and ``mix4_i·p_j = λ (a_i·p_j) + (1-λ)
-  (a_{i+1}·p_j)``. So each (row tile, column tile) of the positives block runs ONE K loop with three
-  raw dots of the input dtype (:func:`_pos_mix_cos_tiles`: ``D0 = a_m·p_n``, ``D1 = a_m·p_{n+1}``,
-  ``D2 = a_{m+1}·p_n``) and forms the positives, mix3 and mix4 tiles from them; the mixtures' inverse
+  (a_{i+1}·p_j)``. So each (row tile, column tile) of the positives block runs three raw dots of the
+  input dtype (:func:`_raw_dot_tile`: ``D0 = a_m·p_n``, ``D1 = a_m·p_{n+1}``, ``D2 = a_{m+1}·p_n``,
+  one after the other so that at most two accumulators are live: three in one K loop spilled
+  registers) and forms the positives, mix3 and mix4 tiles (:func:`_mix_cos`); the mixtures' inverse
   norms still come from the fp32 mixtures. That is exactly one dot per logit tile in every dtype, no
   fp32 operand in a 16-bit dot and no split parts: 16-bit products are exact with fp32
   accumulation (the only rounding beyond that is the fp32 combination ``λ D0 + (1-λ) D1``, against the
-  fp32 rounding of the stored mixture before), and the kernels hold three (BLOCK_M, BLOCK_N)
-  accumulators instead of split parts of fp32 tiles (the split needed 3 bf16 / 2 fp16 dots per
-  mixed tile, ~6 / ~4.7 GEMM-equivalents fwd+bwd in bf16 / fp16, and "tf32x3" spilled on sm_80).
+  fp32 rounding of the stored mixture before). The split needed 3 bf16 / 2 fp16 dots per mixed
+  tile (~6 / ~4.7 GEMM-equivalents fwd+bwd in bf16 / fp16), and "tf32x3" spilled on sm_80.
+  fp32/fp64 inputs have mixtures in their own dtype, so their mix3/mix4 blocks stay separate
+  segments / tile programs that dot the mixtures directly (one dot per tile as well; the fused
+  form, which keeps ``D0`` live across two more fp32 CUDA-core dots, spilled registers).
 * ``MIXED`` segments of the atomic backward (``SIMCSE_TRITON_BWD=atomic``, the alternative path)
   still dot the fp32 mixtures: a 16-bit input against an fp32 mixture is split into 16-bit parts
   (:func:`_split_dot`: 3 bf16 / 2 fp16 parts, fp32-accurate). The atomic backward's gradient
@@ -212,55 +215,43 @@ def _dlogits(cos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, n_anchor, col_offs
 
 
 @triton.jit
-def _pos_mix_cos_tiles(a_ptr, ra_ptr, offs_m, mask_m, p_ptr, rp_ptr, offs_n, mask_n, rmix3_ptr, rmix4_ptr,
-                       lam, one_m_lam, N, D,
-                       ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Cosine tiles of the positives, mix3 and mix4 blocks at (rows ``offs_m``, columns ``offs_n``).
+def _raw_dot_tile(x_ptr, offs_m, mask_m, y_ptr, offs_n, mask_n, D,
+                  ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Raw dot tile ``(BLOCK_M, BLOCK_N)``: ``x_m · y_n`` of rows ``offs_m`` of ``x`` and ``offs_n`` of ``y``.
 
-    Args:
-        a_ptr (N, D), p_ptr (N, D): raw anchors and positives (input dtype; MixCSE has P = N).
-        ra_ptr, rp_ptr (N,): their inverse norms; rmix3_ptr, rmix4_ptr (N,): inverse norms of the
-            fp32 mixtures ``mix3 = λ p + (1-λ) roll(p, -1)``, ``mix4 = λ a + (1-λ) roll(a, -1)``.
-        offs_m, mask_m: (BLOCK_M,) anchor rows; offs_n, mask_n: (BLOCK_N,) columns (both in [0, N)).
-        lam, one_m_lam: scalars λ and 1 - λ in ``ACC_DTYPE``.
-    Returns:
-        ``(cos_pos, cos_mix3, cos_mix4)``, each (BLOCK_M, BLOCK_N) in ``ACC_DTYPE`` (0 outside the masks).
-
-    One K loop, three raw dots of the input dtype (module docstring, "MixCSE blocks"):
-    ``D0 = a_m·p_n``, ``D1 = a_m·p_{(n+1) mod N}``, ``D2 = a_{(m+1) mod N}·p_n``; then
-    ``cos_pos = D0 ra rp``, ``cos_mix3 = (λ D0 + (1-λ) D1) ra rmix3``, ``cos_mix4 = (λ D0 + (1-λ) D2)
-    rmix4 rp``: exactly one dot per logit tile. The forward and the ``∂L/∂s`` kernel both call this,
-    so the recomputed logits equal the forward's bit for bit.
+    Args: x_ptr, y_ptr: two (·, D) matrices of the input dtype; offs/mask: (BLOCK_M,), (BLOCK_N,) rows
+    (0 outside the masks). One K loop of ``BLOCK_K`` steps, input-dtype ``tl.dot`` with ``ACC_DTYPE``
+    accumulation (``DOT_PREC``; exact products for 16-bit inputs). Used for MixCSE's positives tile
+    and its two shifted partners (module docstring, "MixCSE blocks").
     """
     offs_k = tl.arange(0, BLOCK_K)
-    next_m = (offs_m + 1) % N
-    next_n = (offs_n + 1) % N
-    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * D
-    a1_rows = a_ptr + next_m.to(tl.int64)[:, None] * D
-    p_cols = p_ptr + offs_n.to(tl.int64)[None, :] * D
-    p1_cols = p_ptr + next_n.to(tl.int64)[None, :] * D
-    d0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    d1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    d2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * D
+    y_cols = y_ptr + offs_n.to(tl.int64)[None, :] * D
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + offs_k
         mk = kk < D
-        a = tl.load(a_rows + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0)
-        a1 = tl.load(a1_rows + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0)
-        p = tl.load(p_cols + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0)
-        p1 = tl.load(p1_cols + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0)
-        d0 = tl.dot(a, p, d0, input_precision=DOT_PREC)
-        d1 = tl.dot(a, p1, d1, input_precision=DOT_PREC)
-        d2 = tl.dot(a1, p, d2, input_precision=DOT_PREC)
-    ra = tl.load(ra_ptr + offs_m, mask=mask_m, other=0.0)
-    rp = tl.load(rp_ptr + offs_n, mask=mask_n, other=0.0)
-    rm3 = tl.load(rmix3_ptr + offs_n, mask=mask_n, other=0.0)
-    rm4 = tl.load(rmix4_ptr + offs_m, mask=mask_m, other=0.0)
-    cos_pos = d0 * ra[:, None] * rp[None, :]
-    cos_mix3 = (lam * d0 + one_m_lam * d1) * ra[:, None] * rm3[None, :]
-    cos_mix4 = (lam * d0 + one_m_lam * d2) * rm4[:, None] * rp[None, :]
-    return cos_pos, cos_mix3, cos_mix4
+        x = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0)
+        y = tl.load(y_cols + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(x, y, acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _mix_cos(d0, d_shift, lam, one_m_lam, rx_ptr, offs_m, mask_m, ry_ptr, offs_n, mask_n):
+    """MixCSE cosine tile by linearity: ``(λ d0 + (1-λ) d_shift) · rx_m · ry_n``.
+
+    Args:
+        d0: (BLOCK_M, BLOCK_N) raw ``a_m·p_n``; d_shift: raw ``a_m·p_{(n+1) mod N}`` (mix3) or
+            ``a_{(m+1) mod N}·p_n`` (mix4); lam, one_m_lam: λ and 1 - λ.
+        rx_ptr, ry_ptr: inverse norms of the block's rows (anchors / mix4) and columns (mix3 /
+            positives), indexed by ``offs_m``, ``offs_n``.
+    The forward and the ``∂L/∂s`` kernel both use it, so their MixCSE logits are the same values.
+    """
+    rx = tl.load(rx_ptr + offs_m, mask=mask_m, other=0.0)
+    ry = tl.load(ry_ptr + offs_n, mask=mask_n, other=0.0)
+    return (lam * d0 + one_m_lam * d_shift) * rx[:, None] * ry[None, :]
 
 
 @triton.jit
@@ -290,21 +281,34 @@ def _row_lse_pos_mix_segment(m_i, l_i, t_i, a_ptr, ra_ptr, offs_m, mask_m, p_ptr
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Online LSE of rows ``offs_m`` over the positives, mix3 and mix4 blocks at once (MixCSE, P = N).
 
-    Per column tile, :func:`_pos_mix_cos_tiles` gives the three cosine tiles (3 dots); each updates the
-    running ``(m_i, l_i, t_i)`` (patterns 0 with targets, 3 and 4). Args as :func:`_row_lse_segment`
-    plus rmix3/rmix4_ptr (N,) and the scalars ``lam``, ``one_m_lam``. Returns ``(m_i, l_i, t_i)``.
+    Per column tile ``n``: ``D0 = a_m·p_n`` (:func:`_raw_dot_tile`) gives the positives tile
+    (pattern 0, targets); ``D1 = a_m·p_{(n+1) mod N}`` gives mix3's (pattern 3) and ``D2 =
+    a_{(m+1) mod N}·p_n`` mix4's (pattern 4), via :func:`_mix_cos`: 3 dots for 3 logit tiles. The
+    three dots run one after the other, each tile updating ``(m_i, l_i, t_i)`` at once, so at most
+    two accumulators are live (three in one K loop spilled registers on sm_80/sm_90). 16-bit inputs
+    only (fp32/fp64 use separate segments: module docstring). Args as :func:`_row_lse_segment` plus
+    rmix3/rmix4_ptr (N,) and the scalars ``lam``, ``one_m_lam``. Returns ``(m_i, l_i, t_i)``.
     """
+    next_m = (offs_m + 1) % N
     for j0 in range(0, N, BLOCK_N):
         offs_n = j0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        cos_pos, cos_mix3, cos_mix4 = _pos_mix_cos_tiles(a_ptr, ra_ptr, offs_m, mask_m, p_ptr, rp_ptr, offs_n,
-                                                         mask_n, rmix3_ptr, rmix4_ptr, lam, one_m_lam, N, D,
-                                                         ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-        m_i, l_i, t_i = _lse_update(m_i, l_i, t_i, _logits(cos_pos, inv_tau, w, offs_m, offs_n, N, 0),
+        d0 = _raw_dot_tile(a_ptr, offs_m, mask_m, p_ptr, offs_n, mask_n, D,
+                           ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        ra = tl.load(ra_ptr + offs_m, mask=mask_m, other=0.0)
+        rp = tl.load(rp_ptr + offs_n, mask=mask_n, other=0.0)
+        cos = d0 * ra[:, None] * rp[None, :]
+        m_i, l_i, t_i = _lse_update(m_i, l_i, t_i, _logits(cos, inv_tau, w, offs_m, offs_n, N, 0),
                                     offs_n, mask_n, 0, labels, True)
-        m_i, l_i, t_i = _lse_update(m_i, l_i, t_i, _logits(cos_mix3, inv_tau, w, offs_m, offs_n, N, 3),
+        d1 = _raw_dot_tile(a_ptr, offs_m, mask_m, p_ptr, (offs_n + 1) % N, mask_n, D,
+                           ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        cos = _mix_cos(d0, d1, lam, one_m_lam, ra_ptr, offs_m, mask_m, rmix3_ptr, offs_n, mask_n)
+        m_i, l_i, t_i = _lse_update(m_i, l_i, t_i, _logits(cos, inv_tau, w, offs_m, offs_n, N, 3),
                                     offs_n, mask_n, 0, labels, False)
-        m_i, l_i, t_i = _lse_update(m_i, l_i, t_i, _logits(cos_mix4, inv_tau, w, offs_m, offs_n, N, 4),
+        d2 = _raw_dot_tile(a_ptr, next_m, mask_m, p_ptr, offs_n, mask_n, D,
+                           ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        cos = _mix_cos(d0, d2, lam, one_m_lam, rmix4_ptr, offs_m, mask_m, rp_ptr, offs_n, mask_n)
+        m_i, l_i, t_i = _lse_update(m_i, l_i, t_i, _logits(cos, inv_tau, w, offs_m, offs_n, N, 4),
                                     offs_n, mask_n, 0, labels, False)
     return m_i, l_i, t_i
 
@@ -340,16 +344,17 @@ def _fwd_row_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_ptr, r
 
     Args:
         a_ptr (N, D), p_ptr (P, D), neg_ptr (K, D; ``HAS_NEG``): raw features, input dtype.
-        mix3_ptr, mix4_ptr (N, D; ``HAS_MIX``): detached raw MixCSE mixtures, ``ACC_DTYPE`` (unread:
-            their blocks come from the raw dots by linearity, :func:`_pos_mix_cos_tiles`).
+        mix3_ptr, mix4_ptr (N, D; ``HAS_MIX``): detached raw MixCSE mixtures, ``ACC_DTYPE`` (read
+            for fp32/fp64 inputs only: 16-bit inputs form their blocks by linearity, :func:`_mix_cos`).
         ra/rp/rneg/rmix3/rmix4_ptr: matching inverse norms (rmix3/rmix4 of the fp32 mixtures).
         tau_ptr, w_ptr: (1,) temperature and hard-negative weight; lam_ptr: (2,) ``[λ, 1 - λ]``
             (``HAS_MIX``), all ``ACC_DTYPE``.
         labels_ptr (N,) int64: target columns in [0, P + K).
         lse_ptr, tgt_ptr (N,) outputs: row log-sum-exp and target logit, ``ACC_DTYPE``.
-    Grid: ``(cdiv(N, BLOCK_M),)``. Segments: positives (with mix3 and mix4 fused into the same
-    column-tile loop when ``HAS_MIX``, P = N), negatives (+w at P+i), anchors (-inf at i;
-    ``ANCHOR_NEG``); the online LSE does not depend on the order.
+    Grid: ``(cdiv(N, BLOCK_M),)``. Segments: positives (16-bit MixCSE: with mix3 and mix4 fused
+    into the same column-tile loop, P = N), negatives (+w at P+i), anchors (-inf at i;
+    ``ANCHOR_NEG``), then fp32/fp64 MixCSE's mix3 and mix4 segments; the online LSE does not depend
+    on the order.
     """
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N
@@ -359,7 +364,8 @@ def _fwd_row_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_ptr, r
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC_DTYPE)
     l_i = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
     t_i = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
-    if HAS_MIX:
+    LINEAR: tl.constexpr = HAS_MIX and (a_ptr.dtype.element_ty != ACC_DTYPE)  # 16-bit MixCSE
+    if LINEAR:
         lam = tl.load(lam_ptr).to(ACC_DTYPE)
         one_m_lam = tl.load(lam_ptr + 1).to(ACC_DTYPE)
         m_i, l_i, t_i = _row_lse_pos_mix_segment(m_i, l_i, t_i, a_ptr, ra_ptr, offs_m, mask_m, p_ptr, rp_ptr,
@@ -377,6 +383,15 @@ def _fwd_row_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_ptr, r
     if ANCHOR_NEG:
         m_i, l_i, t_i = _row_lse_segment(m_i, l_i, t_i, a_ptr, ra_ptr, offs_m, mask_m, a_ptr, ra_ptr, N, 0,
                                          labels, inv_tau, w, N, D, 2, False, False,
+                                         ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    if HAS_MIX and not LINEAR:  # fp32/fp64: the mixtures are in the input dtype, one plain dot per tile
+        m_i, l_i, t_i = _row_lse_segment(m_i, l_i, t_i, a_ptr, ra_ptr, offs_m, mask_m,
+                                         mix3_ptr, rmix3_ptr, N, 0,
+                                         labels, inv_tau, w, N, D, 3, False, False,
+                                         ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        m_i, l_i, t_i = _row_lse_segment(m_i, l_i, t_i, mix4_ptr, rmix4_ptr, offs_m, mask_m,
+                                         p_ptr, rp_ptr, N, 0,
+                                         labels, inv_tau, w, N, D, 4, False, False,
                                          ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     tl.store(lse_ptr + offs_m, m_i + tl.log(l_i), mask=mask_m)
     tl.store(tgt_ptr + offs_m, t_i, mask=mask_m)

@@ -77,8 +77,9 @@ Algorithm
   (as :mod:`simcse_kernels.ops.features` does). The forward and the ``∂L/∂s`` kernel never dot
   them: by linearity ``a_i·mix3_j = λ a_i·p_j + (1-λ) a_i·p_{(j+1) mod N}`` and ``mix4_i·p_j =
   λ a_i·p_j + (1-λ) a_{(i+1) mod N}·p_j``, so each positives tile runs three raw dots of the input
-  dtype and yields the positives, mix3 and mix4 tiles (one dot per logit tile in every dtype;
-  ``λ`` is passed to the kernels, the mixtures' inverse norms come from the fp32 mixtures). The
+  dtype and yields the positives, mix3 and mix4 tiles (one dot per logit tile; ``λ`` is passed to
+  the kernels, the mixtures' inverse norms come from the fp32 mixtures). That is for 16-bit inputs;
+  fp32/fp64 mixtures are in the input dtype and are dotted directly, one dot per tile as well. The
   gradient GEMMs use the mixtures (in the ``∂L/∂s`` storage dtype); the atomic backward dots them.
 
 Block sizes
@@ -538,8 +539,10 @@ def _backward_chunked(g, cw, clse, anchors, positives, negatives, labels, lse, p
         r1 = min(n, r0 + rows_cap)
         rows = r1 - r0
         bn = cfg["BLOCK_N"]
-        # MixCSE's mix3/mix4 tiles are written by the positives-tile programs (one K loop, 3 dots)
-        n_tiles = _cdiv(n_pos, bn) + (_cdiv(k, bn) if has_neg else 0) + _cdiv(n_an, bn)
+        # 16-bit MixCSE: the mix3/mix4 tiles are written by the positives-tile programs (3 dots each);
+        # fp32/fp64 MixCSE: their own tile programs (dots against the input-dtype mixtures)
+        n_tiles = (_cdiv(n_pos, bn) + (_cdiv(k, bn) if has_neg else 0) + _cdiv(n_an, bn)
+                   + (2 * _cdiv(n_mix, bn) if cdt == anchors.dtype else 0))
         dtau_part = torch.empty(rows, n_tiles, device=dev, dtype=cdt) if need_dtau else g
         try:
             _dl._dlogits_chunk_kernel[(_cdiv(rows, cfg["BLOCK_M"]), n_tiles)](

@@ -227,7 +227,8 @@ def _op_args(n=6, d=32, k=6, symmetric=True, mix=True, dtype=torch.float32, devi
     mix4 = a.to(cdt).roll(-1, 0) if mix else None
     tau = torch.tensor(0.05, dtype=cdt, device=device)
     labels = torch.arange(n, device=device)
-    return a, p, neg, mix3, mix4, tau, labels, 0.4, True, symmetric
+    # the mixtures are rolled copies, i.e. MixCSE's with λ = 0 (the last argument, mix_lambda)
+    return a, p, neg, mix3, mix4, tau, labels, 0.4, True, symmetric, 0.0 if mix else None
 
 
 @pytest.mark.skipif(not hasattr(torch.library, "opcheck"), reason="torch.library.opcheck needs torch >= 2.4")
@@ -237,9 +238,9 @@ def test_opcheck_custom_ops():
     torch.library.opcheck(torch.ops.simcse_kernels.triton_info_nce_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     loss, lse, clse = torch.ops.simcse_kernels.triton_info_nce_fwd(*args)
-    a, p, neg, mix3, mix4, tau, labels, w, anchor_neg, sym = args
+    a, p, neg, mix3, mix4, tau, labels, w, anchor_neg, sym, lam = args
     bwd_args = (torch.ones_like(loss), a, p, neg, mix3, mix4, tau, labels, lse, clse, w, anchor_neg, sym,
-                True, True, True, True)
+                True, True, True, True, None, lam)
     torch.library.opcheck(torch.ops.simcse_kernels.triton_info_nce_bwd.default, bwd_args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 

@@ -527,10 +527,6 @@ def _backward_chunked(g, cw, clse, anchors, positives, negatives, labels, lse, p
     dn_hat = torch.zeros(k, d, device=dev, dtype=cdt) if need_n else None
 
     cfg = block_config("dlogits", d, anchors.dtype)
-    if has_mix and cdt != anchors.dtype and cfg["BLOCK_M"] > 64:
-        # 16-bit MixCSE: a positives-tile program keeps D0 live across the mix3/mix4 dots and
-        # epilogues; 128-row tiles spilled registers (sm_80/sm_90, all options), 64 rows do not
-        cfg = dict(cfg, BLOCK_M=64)
     budget = chunk_budget_bytes(chunk_budget_mib)
     elem = torch.empty((), dtype=gdt).element_size()
     dtau_sum = torch.zeros((), device=dev, dtype=cdt) if need_dtau else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,23 @@ def assert_backend_matches_reference(backend, a, p, neg, tau=0.05, **options):
 
 def interpret_triton() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+#: where the Triton tests run: the CPU interpreter, or CUDA when there is a GPU and no interpreter
+TRITON_DEVICE = "cpu" if interpret_triton() or not torch.cuda.is_available() else "cuda"
+#: module mark of the Triton test files
+needs_triton_runtime = pytest.mark.skipif(
+    not (torch.cuda.is_available() or interpret_triton()),
+    reason="the Triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 to run its kernels in the CPU "
+    "interpreter",
+)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a gloo process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------

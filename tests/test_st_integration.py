@@ -4,7 +4,6 @@ against sentence-transformers' own MultipleNegativesRankingLoss on the packaged 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 st = pytest.importorskip("sentence_transformers")
@@ -258,16 +258,10 @@ def _gloo_worker(rank, port, out_file):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gathered(tmp_path_factory):
     out = tmp_path_factory.mktemp("st_dist") / "res.pt"
-    mp.spawn(_gloo_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_gloo_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return torch.load(out, weights_only=False)
 
 

@@ -6,33 +6,29 @@ is imported, as the CI does); the ``cuda``-marked tests need a GPU and compiled 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from conftest import (
     LOSS_TOL,
     OPTION_SETS,
+    TRITON_DEVICE,
     assert_backend_matches_reference,
+    interpret_triton,
     interpreter_bf16_dot_patchable,
     loss_and_grads,
     make_inputs,
+    needs_triton_runtime,
     split_option_set,
 )
 
 from simcse_kernels import fused_info_nce, info_nce_reference
 from simcse_kernels.options import InfoNCEOptions
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(
-    not (torch.cuda.is_available() or INTERPRET),
-    reason="the Triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 to run its kernels in the CPU "
-    "interpreter",
-)
+INTERPRET = interpret_triton()
+pytestmark = needs_triton_runtime
 triton_loss = pytest.importorskip("simcse_kernels.ops.triton_loss", reason="triton is not installed")
 
-# On CPU the interpreter runs the kernels; on a GPU without the interpreter they run on CUDA.
-DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
+DEVICE = TRITON_DEVICE
 # conftest patches the interpreter's bf16 tl.dot (it multiplied the uint16 bits) to fp32 products/accumulation
 skip_bf16_interpreted = pytest.mark.skipif(
     DEVICE == "cpu" and not interpreter_bf16_dot_patchable(),

@@ -7,22 +7,25 @@ fp16 inputs with upstream gradients far outside fp16's range (∂L/∂s is store
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from conftest import GRAD_TOL, LOSS_TOL, _assert_close_scaled, assert_backend_matches_reference, make_inputs
+from conftest import (
+    GRAD_TOL,
+    LOSS_TOL,
+    TRITON_DEVICE,
+    _assert_close_scaled,
+    assert_backend_matches_reference,
+    interpret_triton,
+    make_inputs,
+    needs_triton_runtime,
+)
 
 from simcse_kernels import fused_info_nce, info_nce_reference
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(
-    not (torch.cuda.is_available() or INTERPRET),
-    reason="the Triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 to run its kernels in the CPU "
-    "interpreter",
-)
+INTERPRET = interpret_triton()
+pytestmark = needs_triton_runtime
 triton_loss = pytest.importorskip("simcse_kernels.ops.triton_loss", reason="triton is not installed")
-DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
+DEVICE = TRITON_DEVICE
 TINY_MIB = 1e-6  # below one row: R = one BLOCK_M
 
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import _cos_tile, _dlogits, _mix_cos, _raw_dot_tile
+from .triton_kernels import _column_terms, _cos_tile, _dlogits, _mix_cos, _raw_dot_tile
 
 
 @triton.jit
@@ -69,12 +69,7 @@ def _dlogits_segment_tile(x_ptr, rx_ptr, y_ptr, ry_ptr, offs_m, mask_m, tile, ti
     mask_n = offs_n < n_cols
     cos = _cos_tile(x_ptr, rx_ptr, offs_m, mask_m, y_ptr, ry_ptr, offs_n, mask_n, D,
                     ACC_DTYPE, UPCAST, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-    if SYM:
-        cw = tl.load(cw_ptr + offs_n, mask=mask_n, other=0.0)
-        clse = tl.load(clse_ptr + offs_n, mask=mask_n, other=0.0)
-    else:
-        cw = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
-        clse = cw
+    cw, clse = _column_terms(cw_ptr, clse_ptr, offs_n, mask_n, SYM, ACC_DTYPE, BLOCK_N)
     ds = _dlogits(cos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, n_anchor, col_offset,
                   lse, rw, g, labels, cw, clse, PATTERN, TARGET, SYM)
     local = (offs_m - row_start).to(tl.int64)
@@ -128,22 +123,18 @@ def _dlogits_pos_mix_tile(a_ptr, ra_ptr, p_ptr, rp_ptr, rmix3_ptr, rmix4_ptr, of
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     # the forward's dots and formulas (triton_kernels._row_lse_pos_mix_segment): D0, D1, D2
-    d0 = _raw_dot_tile(a_ptr, offs_m, mask_m, p_ptr, offs_n, mask_n, D, ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    d0 = _raw_dot_tile(a_ptr, offs_m, mask_m, p_ptr, offs_n, mask_n, D, ACC_DTYPE, False, DOT_PREC,
+                       BLOCK_M, BLOCK_N, BLOCK_K)
     ra = tl.load(ra_ptr + offs_m, mask=mask_m, other=0.0)
     rp = tl.load(rp_ptr + offs_n, mask=mask_n, other=0.0)
-    if SYM:
-        cw = tl.load(cw_ptr + offs_n, mask=mask_n, other=0.0)
-        clse = tl.load(clse_ptr + offs_n, mask=mask_n, other=0.0)
-    else:
-        cw = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
-        clse = cw
+    cw, clse = _column_terms(cw_ptr, clse_ptr, offs_n, mask_n, SYM, ACC_DTYPE, BLOCK_N)
     cos = d0 * ra[:, None] * rp[None, :]
     ds = _dlogits(cos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, N, 0,
                   lse, rw, g, labels, cw, clse, 0, True, SYM)
     part = _dlogits_store(ds, cos, ra, rp, inv_tau, offs_m, mask_m, offs_n, mask_n, ds_ptr, ld_ds, 0,
                           row_start, STORE_DS)
     zero = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
-    d1 = _raw_dot_tile(a_ptr, offs_m, mask_m, p_ptr, (offs_n + 1) % N, mask_n, D, ACC_DTYPE, DOT_PREC,
+    d1 = _raw_dot_tile(a_ptr, offs_m, mask_m, p_ptr, (offs_n + 1) % N, mask_n, D, ACC_DTYPE, False, DOT_PREC,
                        BLOCK_M, BLOCK_N, BLOCK_K)
     cos = _mix_cos(d0, d1, lam, one_m_lam, ra_ptr, offs_m, mask_m, rmix3_ptr, offs_n, mask_n)
     ds = _dlogits(cos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, N, 0,
@@ -151,7 +142,7 @@ def _dlogits_pos_mix_tile(a_ptr, ra_ptr, p_ptr, rp_ptr, rmix3_ptr, rmix4_ptr, of
     rm3 = tl.load(rmix3_ptr + offs_n, mask=mask_n, other=0.0)
     part += _dlogits_store(ds, cos, ra, rm3, inv_tau, offs_m, mask_m, offs_n, mask_n, ds_ptr, ld_ds,
                            c_mix3, row_start, STORE_DS)
-    d2 = _raw_dot_tile(a_ptr, (offs_m + 1) % N, mask_m, p_ptr, offs_n, mask_n, D, ACC_DTYPE, DOT_PREC,
+    d2 = _raw_dot_tile(a_ptr, (offs_m + 1) % N, mask_m, p_ptr, offs_n, mask_n, D, ACC_DTYPE, False, DOT_PREC,
                        BLOCK_M, BLOCK_N, BLOCK_K)
     cos = _mix_cos(d0, d2, lam, one_m_lam, rmix4_ptr, offs_m, mask_m, rp_ptr, offs_n, mask_n)
     ds = _dlogits(cos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, N, 0,

@@ -140,27 +140,11 @@ def _cos_tile(x_ptr, rx_ptr, offs_m, mask_m, y_ptr, ry_ptr, offs_n, mask_n, D,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Cosine tile ``(BLOCK_M, BLOCK_N)``: ``dot(x_m, y_n) · rx_m · ry_n``, 0 outside the masks.
 
-    ``x`` rows ``offs_m`` and ``y`` rows ``offs_n`` of two (·, D) matrices; the dot runs over D in
-    ``BLOCK_K`` steps. ``UPCAST`` (mixed-dtype segments: MixCSE's fp32 mixtures): a 16-bit operand
-    against an fp32 one runs as 16-bit dots of split parts (:func:`_split_dot`, ``DOT_PREC``
-    unused); otherwise both operands are cast to ``ACC_DTYPE``.
+    ``x`` rows ``offs_m`` and ``y`` rows ``offs_n`` of two (·, D) matrices; the dot (and ``UPCAST``,
+    MixCSE's mixed-dtype segments) is :func:`_raw_dot_tile`'s.
     """
-    offs_k = tl.arange(0, BLOCK_K)
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * D
-    y_cols = y_ptr + offs_n.to(tl.int64)[None, :] * D
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k0 in range(0, D, BLOCK_K):
-        kk = k0 + offs_k
-        mk = kk < D
-        x = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0)
-        y = tl.load(y_cols + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST and (x.dtype != y.dtype) and (ACC_DTYPE == tl.float32):
-            acc = _split_dot(x, y, acc, 3)  # a 16-bit input against an fp32 mixture
-        else:
-            if UPCAST:
-                x = x.to(ACC_DTYPE)
-                y = y.to(ACC_DTYPE)
-            acc = tl.dot(x, y, acc, input_precision=DOT_PREC)
+    acc = _raw_dot_tile(x_ptr, offs_m, mask_m, y_ptr, offs_n, mask_n, D, ACC_DTYPE, UPCAST, DOT_PREC,
+                        BLOCK_M, BLOCK_N, BLOCK_K)
     rx = tl.load(rx_ptr + offs_m, mask=mask_m, other=0.0)
     ry = tl.load(ry_ptr + offs_n, mask=mask_n, other=0.0)
     return acc * rx[:, None] * ry[None, :]
@@ -216,14 +200,17 @@ def _dlogits(cos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, n_anchor, col_offs
 
 @triton.jit
 def _raw_dot_tile(x_ptr, offs_m, mask_m, y_ptr, offs_n, mask_n, D,
-                  ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                  ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Raw dot tile ``(BLOCK_M, BLOCK_N)``: ``x_m · y_n`` of rows ``offs_m`` of ``x`` and ``offs_n`` of ``y``.
 
-    Args: x_ptr, y_ptr: two (·, D) matrices of the input dtype; offs/mask: (BLOCK_M,), (BLOCK_N,) rows
-    (0 outside the masks). One K loop of ``BLOCK_K`` steps, input-dtype ``tl.dot`` with ``ACC_DTYPE``
-    accumulation (``DOT_PREC``; exact products for 16-bit inputs). Used for MixCSE's positives tile
-    and its two shifted partners (module docstring, "MixCSE blocks").
+    Args: x_ptr, y_ptr: two (·, D) matrices; offs/mask: (BLOCK_M,), (BLOCK_N,) rows (0 outside the
+    masks). One K loop of ``BLOCK_K`` steps, ``tl.dot`` with ``ACC_DTYPE`` accumulation
+    (``DOT_PREC``; exact products for 16-bit inputs). ``UPCAST`` (mixed-dtype segments: MixCSE's fp32
+    mixtures): a 16-bit operand against an fp32 one runs as 16-bit dots of split parts
+    (:func:`_split_dot`, ``DOT_PREC`` unused); otherwise both operands are cast to ``ACC_DTYPE``.
+    Used by :func:`_cos_tile` and, with ``UPCAST=False``, for MixCSE's positives tile and its two
+    shifted partners (module docstring, "MixCSE blocks").
     """
     offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * D
@@ -234,8 +221,27 @@ def _raw_dot_tile(x_ptr, offs_m, mask_m, y_ptr, offs_n, mask_n, D,
         mk = kk < D
         x = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0)
         y = tl.load(y_cols + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(x, y, acc, input_precision=DOT_PREC)
+        if UPCAST and (x.dtype != y.dtype) and (ACC_DTYPE == tl.float32):
+            acc = _split_dot(x, y, acc, 3)  # a 16-bit input against an fp32 mixture
+        else:
+            if UPCAST:
+                x = x.to(ACC_DTYPE)
+                y = y.to(ACC_DTYPE)
+            acc = tl.dot(x, y, acc, input_precision=DOT_PREC)
     return acc
+
+
+@triton.jit
+def _column_terms(cw_ptr, clse_ptr, offs_n, mask_n, SYM: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """(BLOCK_N,) symmetric column weight and column LSE of columns ``offs_n`` (zeros unless ``SYM``)."""
+    if SYM:
+        cw = tl.load(cw_ptr + offs_n, mask=mask_n, other=0.0)
+        clse = tl.load(clse_ptr + offs_n, mask=mask_n, other=0.0)
+    else:
+        cw = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+        clse = cw
+    return cw, clse
 
 
 @triton.jit
@@ -294,19 +300,19 @@ def _row_lse_pos_mix_segment(m_i, l_i, t_i, a_ptr, ra_ptr, offs_m, mask_m, p_ptr
         offs_n = j0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         d0 = _raw_dot_tile(a_ptr, offs_m, mask_m, p_ptr, offs_n, mask_n, D,
-                           ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+                           ACC_DTYPE, False, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
         ra = tl.load(ra_ptr + offs_m, mask=mask_m, other=0.0)
         rp = tl.load(rp_ptr + offs_n, mask=mask_n, other=0.0)
         cos = d0 * ra[:, None] * rp[None, :]
         m_i, l_i, t_i = _lse_update(m_i, l_i, t_i, _logits(cos, inv_tau, w, offs_m, offs_n, N, 0),
                                     offs_n, mask_n, 0, labels, True)
         d1 = _raw_dot_tile(a_ptr, offs_m, mask_m, p_ptr, (offs_n + 1) % N, mask_n, D,
-                           ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+                           ACC_DTYPE, False, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
         cos = _mix_cos(d0, d1, lam, one_m_lam, ra_ptr, offs_m, mask_m, rmix3_ptr, offs_n, mask_n)
         m_i, l_i, t_i = _lse_update(m_i, l_i, t_i, _logits(cos, inv_tau, w, offs_m, offs_n, N, 3),
                                     offs_n, mask_n, 0, labels, False)
         d2 = _raw_dot_tile(a_ptr, next_m, mask_m, p_ptr, offs_n, mask_n, D,
-                           ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+                           ACC_DTYPE, False, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
         cos = _mix_cos(d0, d2, lam, one_m_lam, rmix4_ptr, offs_m, mask_m, rp_ptr, offs_n, mask_n)
         m_i, l_i, t_i = _lse_update(m_i, l_i, t_i, _logits(cos, inv_tau, w, offs_m, offs_n, N, 4),
                                     offs_n, mask_n, 0, labels, False)
@@ -507,12 +513,7 @@ def _bwd_tile_atomic_kernel(x_ptr, rx_ptr, y_ptr, ry_ptr, tau_ptr, w_ptr, labels
         rw = 0.5 * g
     else:
         rw = g
-    if SYM_COLS:
-        cw = tl.load(cw_ptr + offs_n, mask=mask_n, other=0.0)
-        clse = tl.load(clse_ptr + offs_n, mask=mask_n, other=0.0)
-    else:
-        cw = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
-        clse = cw
+    cw, clse = _column_terms(cw_ptr, clse_ptr, offs_n, mask_n, SYM_COLS, ACC_DTYPE, BLOCK_N)
     cos = _cos_tile(x_ptr, rx_ptr, offs_m, mask_m, y_ptr, ry_ptr, offs_n, mask_n, D,
                     ACC_DTYPE, MIXED, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     ds = _dlogits(cos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, N, col_offset,

@@ -16,7 +16,7 @@ No GPU has run these kernels, so their GPU properties are checked on the compile
    arch's per-block limit (sm_80: 163 KiB, sm_90: 227 KiB), and tensor-core MMAs (HGMMA on
    sm_90, HMMA on sm_80) in every kernel with 16-bit dots.
 
-The bf16/fp16 specs are compiled by Triton 3.6 too (the version torch 2.11 pins) when ``.venv-triton36``
+Every spec is compiled by Triton 3.6 too (the version torch 2.11 pins) when ``.venv-triton36``
 exists (``.ci/run`` creates it: ``python -m venv .venv-triton36 && .venv-triton36/bin/pip install
 'triton==3.6.*'``), and the CUDA extension's ``.cu`` files are compiled with
 ``nvcc --resource-usage`` for both archs when nvcc is installed (zero spills).
@@ -88,9 +88,7 @@ def report_triton36(launch_specs, tmp_path_factory) -> dict:
     if not TRITON36_PYTHON.exists():
         pytest.skip(f"{TRITON36_PYTHON} does not exist (.ci/run creates it: python -m venv .venv-triton36 "
                     "&& .venv-triton36/bin/pip install 'triton==3.6.*')")
-    # the 16-bit (training) dtypes only: compile time on 2 CPU cores is the limit
-    return _compile_report(TRITON36_PYTHON, launch_specs, tmp_path_factory.mktemp("compile_triton36"),
-                           ["--dtypes", "bf16,fp16"])
+    return _compile_report(TRITON36_PYTHON, launch_specs, tmp_path_factory.mktemp("compile_triton36"))
 
 
 def _kernel_names_in_source() -> set[str]:

@@ -95,11 +95,13 @@ and partial-sum buffer depend on the blocks):
 
 * 16-bit: forward 128 x 64 x 32, ``∂L/∂s`` kernel 128 x 32 x 32 (8 warps, 3 stages); atomic backward
   64 x 64 x 64 and ``BLOCK_DO = min(64, next_pow2(D))`` (8 warps, 2 stages).
-* fp32: forward and ``∂L/∂s`` 64 x 64 x 16, 2 stages (forward 4 warps, ``∂L/∂s`` 8: each spilled on sm_90 with the other); atomic backward 64 x 32 x 32,
+* fp32: forward and ``∂L/∂s`` 64 x 64 x 16, 8 warps (forward 1 stage: with 2 the MixCSE forward
+  spilled, with 4 warps under Triton 3.6 and with 8 under 3.9; ``∂L/∂s`` 2 stages, it spills with
+  4 warps); atomic backward 64 x 32 x 32,
   ``BLOCK_DO = min(32, next_pow2(D))`` (8 warps; with "ieee" these dots run on CUDA cores).
 * fp64: 32 x 32 x 16, ``BLOCK_DO = min(64, next_pow2(D))``.
 
-These compile for sm_80 and sm_90 (Triton 3.9; bf16/fp16 also 3.6) without register spills, within the
+These compile for sm_80 and sm_90 (Triton 3.9 and 3.6) without register spills, within the
 shared-memory limits and with tensor-core MMAs in every 16-bit dot (tests/test_compile_targets.py;
 ``BLOCK_K = 64`` forward tiles spilled with the MixCSE blocks on sm_80, ``BLOCK_DO = 128``
 atomic tiles spilled on sm_80 and, in fp32, on sm_90; fp32 forward tiles with ``BLOCK_K = 32``
@@ -218,8 +220,9 @@ def block_config(kind: str, d: int, dtype: torch.dtype) -> dict:
     # sm_80 and sm_90: tests/test_compile_targets.py)
     elif dtype == torch.float32:
         if kind == "fwd":
-            # (the forward spilled 4 B on sm_90 with 8 warps with MixCSE; the dS kernel spills with 4)
-            cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8 if dlogits else 4, num_stages=2)
+            # (forward: one stage; with 2 the MixCSE forward spilled on sm_80/sm_90, with 4 warps
+            # under Triton 3.6 and with 8 under 3.9; the dS kernel spills with 4 warps)
+            cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2 if dlogits else 1)
         else:
             cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, BLOCK_DO=min(32, d_pow2), num_warps=8,
                        num_stages=2)

@@ -258,6 +258,18 @@ def _softmax_(buf: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._softmax.out(buf, 1, False, out=buf)
 
 
+def _column_exp_(s: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out = exp(s - colmax)`` for a finite (R, P) ``s`` (``out`` may be ``s``); returns
+    ``(colmax, colsum)``, (P,) each: the column log-sum-exp is ``colmax + log(colsum)``.
+
+    Four passes and no temporary (``torch.logsumexp(s, 0)`` allocates an (R, P) one).
+    """
+    colmax = s.amax(dim=0)
+    torch.sub(s, colmax, out=out)
+    out.exp_()
+    return colmax, out.sum(dim=0)
+
+
 def _column_lse(rows_s, cols, lay: _Layout, rows_per: int, buf) -> torch.Tensor:
     """Symmetric first pass: log-sum-exp over all anchors of each positive's column, (P,)."""
     clse = torch.full((lay.p,), float("-inf"), device=cols.device, dtype=cols.dtype)
@@ -265,7 +277,8 @@ def _column_lse(rows_s, cols, lay: _Layout, rows_per: int, buf) -> torch.Tensor:
         r1 = min(r0 + rows_per, lay.n)
         s = buf.view(-1)[: (r1 - r0) * lay.p].view(r1 - r0, lay.p)
         torch.mm(rows_s[r0:r1], cols[: lay.p].T, out=s)
-        clse = torch.logaddexp(clse, torch.logsumexp(s, dim=0))
+        colmax, colsum = _column_exp_(s, out=s)
+        clse = torch.logaddexp(clse, colmax + colsum.log())
     return clse
 
 
@@ -323,18 +336,23 @@ def _scalar_pass(anchors, positives, negatives, mix3, mix4, tau, labels, w, anch
         r = r1 - r0
         buf = buf_all[: r * lay.m].view(r, lay.m)
         const = _fill_logits(buf, rows_s, mix4_s, cols, lay, r0, r1, w)
+        tcol = tbuf[: r * n_pos].view(r, n_pos) if symmetric and any_grad else None
         if symmetric and one_chunk:
-            clse = torch.logsumexp(buf[:, :n_pos], dim=0)
-        if symmetric and cshift is None:
-            cshift = clse - log_counts
+            # the column terms count_j exp(s_ij - clse_j) from exp(s - colmax): no separate LSE pass
+            scratch = tcol if tcol is not None else torch.empty_like(buf[:, :n_pos])
+            colmax, colsum = _column_exp_(buf[:, :n_pos], out=scratch)
+            clse = colmax + colsum.log()
+            if tcol is not None:
+                tcol.mul_(counts / colsum)
+        elif tcol is not None:
+            if cshift is None:
+                cshift = clse - log_counts
+            torch.sub(buf[:, :n_pos], cshift, out=tcol)
+            tcol.exp_()
         rows = torch.arange(r, device=dev)
         tgt_idx = rows * lay.m + labels[r0:r1]
         t = buf.view(-1)[tgt_idx]  # target logits s_{i,l_i}
         row_max = buf.amax(dim=1)  # amax: vectorized, ~20x faster than max with indices
-        if symmetric and any_grad:
-            tcol = tbuf[: r * n_pos].view(r, n_pos)
-            torch.sub(buf[:, :n_pos], cshift, out=tcol)
-            tcol.exp_()
         probs = _softmax_(buf)
         p_t = probs.view(-1)[tgt_idx]
         p_max = probs.amax(dim=1)  # σ at the row max: exp(m - lse) >= 1/M

@@ -29,7 +29,8 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-CU_SOURCES = ["csrc/block_forward.cu", "csrc/block_backward.cu", "csrc/rowwise.cu", "csrc/runtime.cu"]
+CU_SOURCES = ["csrc/block_forward.cu", "csrc/block_backward.cu", "csrc/block_dlogits.cu", "csrc/rowwise.cu",
+              "csrc/runtime.cu"]
 CU_HEADERS = ["csrc/common.cuh", "csrc/tile.cuh", "csrc/launchers.h"]
 EXT_NAME = "simcse_kernels._cuda_ext"
 

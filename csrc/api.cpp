@@ -168,6 +168,65 @@ void block_backward(const OperandTuple& rows, const OperandTuple& cols, int64_t 
                                                        dtau_acc, n_splits, device, stream));
 }
 
+void block_dlogits(const OperandTuple& rows, const OperandTuple& cols, int64_t dim, uintptr_t tau, double weight,
+                   int pattern, int64_t row_start, int64_t row_end, uintptr_t lse, uintptr_t row_weight,
+                   uintptr_t col_lse, uintptr_t col_weight, uintptr_t labels, uintptr_t g, int64_t target_col_offset,
+                   uintptr_t out, int out_dtype, int64_t ld_out, int64_t out_col0, uintptr_t dtau_part,
+                   int64_t n_tiles_total, int64_t tile_col0, int device, uintptr_t stream) {
+  const std::string where = "block_dlogits";
+  check_dim(where, dim);
+  const Operand r = to_operand(where, "rows", rows, dim, 1, true);
+  const Operand c = to_operand(where, "cols", cols, dim, 1, true);
+  check_pair(where, r, c);
+  check_pattern(where, pattern, r, c);
+  if (row_start < 0 || row_end <= row_start || row_end > r.rows) {
+    fail(where, "need 0 <= row_start < row_end <= rows (" + std::to_string(r.rows) + "), got row_start " +
+                    std::to_string(row_start) + " and row_end " + std::to_string(row_end));
+  }
+  if ((row_end - row_start + 63) / 64 > kMaxSplits) {
+    fail(where, "a chunk may have at most " + std::to_string(int64_t(kMaxSplits) * 64) + " rows (grid.y), got " +
+                    std::to_string(row_end - row_start));
+  }
+  check_pointer(where, "tau", tau, 4);
+  check_pointer(where, "lse", lse, 4);
+  check_pointer(where, "row_weight", row_weight, 4);
+  if ((col_lse == 0) != (col_weight == 0)) fail(where, "col_lse and col_weight must both be given or both be 0");
+  if (col_lse != 0) {
+    check_pointer(where, "col_lse", col_lse, 4);
+    check_pointer(where, "col_weight", col_weight, 4);
+  }
+  if (target_col_offset < -1) {
+    fail(where, "target_col_offset must be >= 0, or -1 for a block without targets, got " +
+                    std::to_string(target_col_offset));
+  }
+  if (target_col_offset >= 0) {
+    check_pointer(where, "labels", labels, 8);
+    check_pointer(where, "g", g, 4);
+  }
+  if (out_dtype != simcse::kFloat32 && out_dtype != simcse::kBFloat16) {
+    fail(where, "out_dtype code must be 0 (float32) or 2 (bfloat16), got " + std::to_string(out_dtype));
+  }
+  check_pointer(where, "out", out, element_size(out_dtype));
+  if (out_col0 < 0 || ld_out < out_col0 + c.rows) {
+    fail(where, "need out_col0 >= 0 and ld_out >= out_col0 + cols (" + std::to_string(c.rows) + "), got out_col0 " +
+                    std::to_string(out_col0) + " and ld_out " + std::to_string(ld_out));
+  }
+  if (dtau_part != 0) {
+    check_pointer(where, "dtau_part", dtau_part, 4);
+    const int64_t tiles = (c.rows + 63) / 64;
+    if (tile_col0 < 0 || n_tiles_total < tile_col0 + tiles) {
+      fail(where, "need tile_col0 >= 0 and n_tiles_total >= tile_col0 + ceil(cols / 64) (" + std::to_string(tiles) +
+                      "), got tile_col0 " + std::to_string(tile_col0) + " and n_tiles_total " +
+                      std::to_string(n_tiles_total));
+    }
+  }
+  check_device(where, device);
+  raise_if_failed(where, simcse::launch_block_dlogits(r, c, dim, tau, static_cast<float>(weight), pattern, row_start,
+                                                      row_end, lse, row_weight, col_lse, col_weight, labels, g,
+                                                      target_col_offset, out, out_dtype, ld_out, out_col0, dtau_part,
+                                                      n_tiles_total, tile_col0, device, stream));
+}
+
 /// Shared checks of the target kernels: same dtype everywhere, negatives may be absent (rows 0).
 void check_target_operands(const std::string& where, const Operand& a, const Operand& p, const Operand& n) {
   if (p.dtype != a.dtype || (n.rows > 0 && n.dtype != a.dtype)) {
@@ -249,6 +308,13 @@ PYBIND11_MODULE(_cuda_ext, m) {
         py::arg("col_weight"), py::arg("grad_rows"), py::arg("grad_cols"), py::arg("dtau_acc"), py::arg("n_splits"),
         py::arg("device"), py::arg("stream"),
         "Recomputing backward of one logit block; accumulates float32 gradients of the normalized rows.");
+  m.def("block_dlogits", &block_dlogits, py::arg("rows"), py::arg("cols"), py::arg("dim"), py::arg("tau"),
+        py::arg("weight"), py::arg("pattern"), py::arg("row_start"), py::arg("row_end"), py::arg("lse"),
+        py::arg("row_weight"), py::arg("col_lse"), py::arg("col_weight"), py::arg("labels"), py::arg("g"),
+        py::arg("target_col_offset"), py::arg("out"), py::arg("out_dtype"), py::arg("ld_out"), py::arg("out_col0"),
+        py::arg("dtau_part"), py::arg("n_tiles_total"), py::arg("tile_col0"), py::arg("device"), py::arg("stream"),
+        "dL/ds (times both inverse norms) of one logit block for a chunk of rows, and per column tile "
+        "partials of sum dS cos (deterministic, no atomics).");
   m.def("target_cos", &target_cos, py::arg("anchors"), py::arg("positives"), py::arg("negatives"), py::arg("dim"),
         py::arg("labels"), py::arg("out"), py::arg("device"), py::arg("stream"),
         "out[i] = cos(anchors[i], candidates[labels[i]]) (float32).");

@@ -65,6 +65,21 @@ int launch_block_backward(const Operand& rows, const Operand& cols, int64_t dim,
                           uintptr_t col_weight, uintptr_t grad_rows, uintptr_t grad_cols, uintptr_t dtau_acc,
                           int n_splits, int device, uintptr_t stream);
 
+/// dL/ds of one logit block for the anchor rows [row_start, row_end) (see csrc/block_dlogits.cu).
+///
+/// dS_ij = row_weight_i exp(s_ij - lse_i) [+ col_weight_j exp(s_ij - col_lse_j)]
+/// - g_i [labels[i] == target_col_offset + j] (target_col_offset < 0: no target in this block),
+/// 0 on constant logits. Writes out[(i - row_start) * ld_out + out_col0 + j] = dS_ij r_i r_j in
+/// out_dtype (kFloat32 or kBFloat16) and, unless dtau_part is 0, the float32 partial
+/// dtau_part[(i - row_start) * n_tiles_total + tile_col0 + t] = sum over column tile t (64 wide)
+/// of dS_ij cos_ij without the target's -g_i. No atomics. col_lse / col_weight may be 0 (both).
+int launch_block_dlogits(const Operand& rows, const Operand& cols, int64_t dim, uintptr_t tau, float weight,
+                         int pattern, int64_t row_start, int64_t row_end, uintptr_t lse, uintptr_t row_weight,
+                         uintptr_t col_lse, uintptr_t col_weight, uintptr_t labels, uintptr_t g,
+                         int64_t target_col_offset, uintptr_t out, int out_dtype, int64_t ld_out, int64_t out_col0,
+                         uintptr_t dtau_part, int64_t n_tiles_total, int64_t tile_col0, int device,
+                         uintptr_t stream);
+
 /// target_cos[i] = x_hat_i . c_hat_{labels[i]} with candidates c = [positives; negatives].
 int launch_target_cos(const Operand& anchors, const Operand& positives, const Operand& negatives, int64_t dim,
                       uintptr_t labels, uintptr_t out, int device, uintptr_t stream);

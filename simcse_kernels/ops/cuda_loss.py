@@ -10,10 +10,47 @@ build the N x M logit matrix:
   log-sum-exp per row; ``n_splits`` CTAs share a row tile and their partial LSEs (an O(splits·N)
   buffer) are combined here. The symmetric loss's column LSE is the same kernel on the
   transposed positives block. Target cosines come from an O(N·D) row kernel.
-* backward: recomputes each tile, forms dS = g (softmax - onehot) in shared memory (column
-  softmax too when symmetric; zero on MixCSE's constant logits), accumulates dS·ŷ and dSᵀ·x̂ into
-  float32 buffers, sum(dS·cos) for the temperature, then applies the normalization backward
-  dz = r·(dẑ − ẑ(ẑ·dẑ)) / tau in a row kernel and returns the gradients in the input dtype.
+* backward (default, ``SIMCSE_CUDA_BWD`` unset or ``chunked``; :func:`backward_mode`): the same
+  design as the Triton backend's default backward. The anchor rows are processed in chunks of R
+  rows. For each chunk and each logit block, the kernel ``block_dlogits`` (csrc/block_dlogits.cu)
+  recomputes the chunk's 64 x 64 logit tiles with the forward's tile code (bit-identical logits)
+  and writes ``ds_ij = r_i r_j ∂L/∂s_ij`` — dS = row_weight·softmax [+ col_weight·column
+  softmax, symmetric positives block] − g at the target column, 0 on MixCSE's constant logits,
+  both inverse norms folded in, no 1/tau — into an (R, M_total) buffer (columns in the order of
+  :func:`~simcse_kernels.ops.features.logit_blocks`), plus per (row, 64-column tile) partial sums
+  of dS·cos for ∂L/∂tau (without the target term, which is subtracted here in float64). Then two
+  torch GEMMs per block on the **raw** features (fp32 accumulation, :mod:`.gemm`):
+  ``r∂x̂_rows[chunk] += ds_block @ cols`` and ``r∂x̂_cols += ds_blockᵀ @ rows[chunk]`` (MixCSE's
+  detached mixtures only ever appear as operands, never receive a gradient); one division by r
+  gives ∂x̂, and a row kernel applies the normalization backward dz = r·(dẑ − ẑ(ẑ·dẑ)) / tau and
+  returns the gradients in the input dtype.
+
+  Determinism: no float atomics anywhere on this path. Every ds / partial element is written by
+  one thread (one warp for a partial, fixed shuffle order), the partials are summed by torch in
+  float64, and the GEMMs accumulate block after block and chunk after chunk in a fixed order, so
+  two runs give bitwise equal gradients.
+
+  Cost in GEMM-equivalents (2·N·M·D FLOPs each, M = every logit column): forward 1, backward
+  1 recompute + 2 gradient GEMMs (fewer for MixCSE's detached blocks): **4**; symmetric + 1
+  column-LSE pass = **5**. Products: the logit tiles of 16-bit inputs on tensor cores (WMMA), the
+  GEMMs in cuBLAS (bf16 tensor cores; fp32 with tf32 only when
+  ``torch.backends.cuda.matmul.allow_tf32`` is set).
+
+  Memory: R comes from :func:`simcse_kernels.ops.budget.rows_per_chunk` with the
+  ``chunk_budget_mib`` option (else ``$SIMCSE_KERNELS_CHUNK_MIB``, else 256 MiB), a multiple of
+  64; extra memory is O(R·M + (N + M)·D) (the ds chunk, the R x ceil(M/64) partials, float32
+  gradient buffers, storage-dtype copies of the operands where the dtype differs), never N·M.
+
+  Storage dtype of ds (= GEMM operand dtype, :func:`~simcse_kernels.ops.gemm.ds_storage_dtype`):
+  bf16 for bf16 inputs (the raw bf16 features are exact operands; ds and MixCSE's fp32 mixtures
+  are rounded to bf16), fp32 for fp32 and for fp16 inputs (fp16-rounded ds failed the fp16
+  gradient tolerance in the Triton backend; fp16 features upcast to fp32 exactly).
+* ``SIMCSE_CUDA_BWD=atomic``: the previous backward, kept for comparison. ``block_backward``
+  (csrc/block_backward.cu) recomputes each tile, forms dS in shared memory, accumulates dS·ŷ and
+  dSᵀ·x̂ with float32 FMAs and float32 atomicAdd into the gradient buffers, and sum(dS·cos) with a
+  float64 atomic; ``target_backward`` adds the target logits' −g with float32 atomics. Not
+  bitwise reproducible, its products run on CUDA cores. Any other value of ``SIMCSE_CUDA_BWD``
+  raises ValueError.
 
 MixCSE's detached mixtures ``mix3``/``mix4`` are built here in float32 (O(N·D)) and enter the
 kernels as float32 operands (their blocks use the FMA tiles); no gradient flows through them.
@@ -33,18 +70,25 @@ SIMCSE_KERNELS_CUDA_ARCHS). :func:`unavailable_reason` says why the backend cann
 
 import functools
 import importlib
+import os
 
 import torch
 
 from ..errors import BackendUnavailableError
 from ..options import InfoNCEOptions
 from ..reference import mixed_features, reduce_loss
+from .budget import chunk_budget_bytes, rows_per_chunk
 from .features import logit_blocks, temperature_tensor
+from .gemm import accumulate_gemm, ds_storage_dtype
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 PATTERN = {"none": 0, "hard": 1, "self": 2, "mix3": 3, "mix4": 4}
 TILE = 64  # rows and columns of a kernel tile (csrc/tile.cuh)
+#: environment variable selecting the backward: "chunked" (default) or "atomic"
+BACKWARD_ENV = "SIMCSE_CUDA_BWD"
+#: most rows of one backward chunk (grid.y = ceil(R / 64) <= 65535)
+MAX_CHUNK_ROWS = 65535 * TILE
 BUILD_HINT = "reinstall with nvcc on PATH: SIMCSE_KERNELS_BUILD_CUDA=1 pip install -e ."
 
 
@@ -217,6 +261,110 @@ def _cuda_info_nce_forward_fake(anchors, positives, negatives, mix3, mix4, tau, 
             anchors.new_empty(n, dtype=torch.float32))
 
 
+def backward_mode() -> str:
+    """``"chunked"`` (default: deterministic, 4 GEMM-equivalents) or ``"atomic"`` (``SIMCSE_CUDA_BWD=atomic``)."""
+    mode = os.environ.get(BACKWARD_ENV, "chunked")
+    if mode not in ("chunked", "atomic"):
+        raise ValueError(f"{BACKWARD_ENV} must be 'chunked' or 'atomic', got {mode!r}")
+    return mode
+
+
+def backward_rows_per_chunk(n_rows: int, n_cols: int, storage: torch.dtype, chunk_budget_mib: float | None) -> int:
+    """Rows R of one (R, n_cols) ds chunk of the default backward: within the budget (option, else
+    ``$SIMCSE_KERNELS_CHUNK_MIB``, else 256 MiB), a multiple of the 64-row tile (at least one tile),
+    at most ``n_rows`` and :data:`MAX_CHUNK_ROWS`."""
+    elem = torch.empty((), dtype=storage).element_size()
+    rows = rows_per_chunk(n_rows, n_cols, elem, chunk_budget_bytes(chunk_budget_mib), multiple=TILE)
+    return min(rows, MAX_CHUNK_ROWS)
+
+
+def _target_col_offset(rows: str, cols: str, n_pos: int) -> int:
+    """First label of a block's columns when the block holds target columns, else -1."""
+    if rows != "anchors":
+        return -1
+    return {"positives": 0, "negatives": n_pos}.get(cols, -1)
+
+
+def _backward_chunked(launch, tau, labels, lse, col_lse, row_weight, col_weight, g, w, anchor_negatives, symmetric,
+                      chunk_budget_mib):
+    """The default backward (module docstring): row chunks of ds, two GEMMs per block.
+
+    Returns:
+        ({name: float32 ∂x̂ (rows, D)} for anchors, positives and negatives (if any), 0-dim float64
+        sum of dS·cos over the non-target logits).
+    """
+    ext, dim, t = launch.ext, launch.dim, launch.tensors
+    anchors = t["anchors"]
+    n, n_pos, dev = anchors.shape[0], t["positives"].shape[0], anchors.device
+    storage = ds_storage_dtype(anchors.dtype)
+    layout = []  # (block, first ds column, first partial column, columns)
+    col0 = tile0 = 0
+    for block in logit_blocks(t["negatives"] is not None, anchor_negatives, t["mix3"] is not None):
+        m = t[block.cols].shape[0]
+        layout.append((block, col0, tile0, m))
+        col0 += m
+        tile0 += -(-m // TILE)
+    m_total, n_tiles = col0, tile0
+    raw_cache = {}
+
+    def raw(name):  # the GEMM operand: raw rows in the storage dtype (inverse norms are folded into ds)
+        if name not in raw_cache:
+            x = t[name]
+            raw_cache[name] = x if x.dtype == storage else x.to(storage)
+        return raw_cache[name]
+
+    grads = {name: torch.zeros(t[name].shape, device=dev, dtype=torch.float32)
+             for name in ("anchors", "positives", "negatives") if t[name] is not None}
+    rows_cap = backward_rows_per_chunk(n, m_total, storage, chunk_budget_mib)
+    ds_buf = torch.empty((min(rows_cap, n), m_total), device=dev, dtype=storage)
+    part_buf = torch.empty((min(rows_cap, n), n_tiles), device=dev, dtype=torch.float32)
+    dtau_acc = torch.zeros((), device=dev, dtype=torch.float64)
+    for r0 in range(0, n, rows_cap):
+        r1 = min(n, r0 + rows_cap)
+        ds, part = ds_buf[: r1 - r0], part_buf[: r1 - r0]
+        for block, c0, tile_c0, _ in layout:
+            column_softmax = symmetric and (block.rows, block.cols) == ("anchors", "positives")
+            ext.block_dlogits(
+                launch.op(block.rows), launch.op(block.cols), dim, tau.data_ptr(), w, PATTERN[block.pattern], r0,
+                r1, lse.data_ptr(), row_weight.data_ptr(), col_lse.data_ptr() if column_softmax else 0,
+                col_weight.data_ptr() if column_softmax else 0, labels.data_ptr(), g.data_ptr(),
+                _target_col_offset(block.rows, block.cols, n_pos), ds.data_ptr(), DTYPE_CODES[storage], m_total,
+                c0, part.data_ptr(), n_tiles, tile_c0, launch.index, launch.stream,
+            )
+        dtau_acc += part.sum(dtype=torch.float64)
+        for block, c0, _, m in layout:
+            ds_block = ds[:, c0:c0 + m]
+            if block.rows in grads:
+                accumulate_gemm(grads[block.rows][r0:r1], ds_block, raw(block.cols), accumulate=True)
+            if block.cols in grads:
+                accumulate_gemm(grads[block.cols], ds_block.T, raw(block.rows)[r0:r1], accumulate=True)
+    for name, buf in grads.items():  # the GEMMs gave r ∂x̂: divide the row scaling out
+        buf.div_(launch.inv_norms[name][:, None])
+    return grads, dtau_acc
+
+
+def _backward_atomic(launch, tau, labels, lse, col_lse, row_weight, col_weight, g, w, anchor_negatives, symmetric):
+    """The ``SIMCSE_CUDA_BWD=atomic`` backward: block_backward + target_backward (float atomics)."""
+    ext, dim, t = launch.ext, launch.dim, launch.tensors
+    anchors = t["anchors"]
+    grads = {name: torch.zeros(t[name].shape, device=anchors.device, dtype=torch.float32)
+             for name in ("anchors", "positives", "negatives") if t[name] is not None}
+    dtau_acc = torch.zeros((), device=anchors.device, dtype=torch.float64)
+    ptr = lambda x: 0 if x is None else x.data_ptr()
+    for rows, cols, pattern in logit_blocks(t["negatives"] is not None, anchor_negatives, t["mix3"] is not None):
+        column_softmax = symmetric and (rows, cols) == ("anchors", "positives")
+        ext.block_backward(
+            launch.op(rows), launch.op(cols), dim, tau.data_ptr(), w, PATTERN[pattern],
+            lse.data_ptr(), row_weight.data_ptr(), col_lse.data_ptr() if column_softmax else 0,
+            col_weight.data_ptr() if column_softmax else 0, ptr(grads.get(rows)), ptr(grads.get(cols)),
+            dtau_acc.data_ptr(), launch.splits(rows, cols), launch.index, launch.stream,
+        )
+    ext.target_backward(launch.op("anchors"), launch.op("positives"), launch.op("negatives"), dim, labels.data_ptr(),
+                        g.data_ptr(), grads["anchors"].data_ptr(), grads["positives"].data_ptr(),
+                        ptr(grads.get("negatives")), launch.index, launch.stream)
+    return grads, dtau_acc
+
+
 @torch.library.custom_op("simcse_kernels::cuda_info_nce_backward", mutates_args=(), device_types="cuda")
 def cuda_info_nce_backward(
     anchors: torch.Tensor,
@@ -234,6 +382,7 @@ def cuda_info_nce_backward(
     hard_negative_weight: float,
     anchor_negatives: bool,
     symmetric: bool,
+    chunk_budget_mib: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of sum_i g_i loss_i w.r.t. the raw embeddings, and sum dS·cos (custom op; CUDA only).
 
@@ -243,31 +392,24 @@ def cuda_info_nce_backward(
         row_weight: (N,) float32 weight of each row's softmax (g, or g/2 when symmetric).
         col_weight: (P,) float32 weight of each positive column's softmax (symmetric) or (0,).
         g: (N,) float32 upstream gradient of the per-row losses (weight of the target logits).
+        chunk_budget_mib: budget of the default backward's (R, M) ds chunk (None: the
+            ``$SIMCSE_KERNELS_CHUNK_MIB`` / 256 MiB default); unused by the atomic backward.
 
     Returns:
         grad_anchors (N, D), grad_positives (P, D), grad_negatives (K, D) or (0, D), all in the
         input dtype, and a 0-dim float64 ``sum_ij dS_ij cos_ij`` over the non-target logits
         (dL/dtau = -(that - sum_i g_i target_cos_i) / tau^2).
     """
+    mode = backward_mode()
     launch = _Launch({"anchors": anchors, "positives": positives, "negatives": negatives, "mix3": mix3,
                       "mix4": mix4})
     ext, dim = launch.ext, launch.dim
-    grads = {name: torch.zeros(t.shape, device=t.device, dtype=torch.float32)
-             for name, t in (("anchors", anchors), ("positives", positives), ("negatives", negatives))
-             if t is not None}
-    dtau_acc = torch.zeros((), device=anchors.device, dtype=torch.float64)
-    ptr = lambda t: 0 if t is None else t.data_ptr()
-    for rows, cols, pattern in logit_blocks(negatives is not None, anchor_negatives, mix3 is not None):
-        column_softmax = symmetric and (rows, cols) == ("anchors", "positives")
-        ext.block_backward(
-            launch.op(rows), launch.op(cols), dim, tau.data_ptr(), hard_negative_weight, PATTERN[pattern],
-            lse.data_ptr(), row_weight.data_ptr(), col_lse.data_ptr() if column_softmax else 0,
-            col_weight.data_ptr() if column_softmax else 0, ptr(grads.get(rows)), ptr(grads.get(cols)),
-            dtau_acc.data_ptr(), launch.splits(rows, cols), launch.index, launch.stream,
-        )
-    ext.target_backward(launch.op("anchors"), launch.op("positives"), launch.op("negatives"), dim, labels.data_ptr(),
-                        g.data_ptr(), grads["anchors"].data_ptr(), grads["positives"].data_ptr(),
-                        ptr(grads.get("negatives")), launch.index, launch.stream)
+    args = (launch, tau, labels, lse, col_lse, row_weight, col_weight, g, hard_negative_weight, anchor_negatives,
+            symmetric)
+    if mode == "atomic":
+        grads, dtau_acc = _backward_atomic(*args)
+    else:
+        grads, dtau_acc = _backward_chunked(*args, chunk_budget_mib)
     outputs = []
     for name in ("anchors", "positives", "negatives"):
         t = launch.tensors[name]
@@ -283,7 +425,8 @@ def cuda_info_nce_backward(
 
 @cuda_info_nce_backward.register_fake
 def _cuda_info_nce_backward_fake(anchors, positives, negatives, mix3, mix4, tau, labels, lse, col_lse, row_weight,
-                                 col_weight, g, hard_negative_weight, anchor_negatives, symmetric):
+                                 col_weight, g, hard_negative_weight, anchor_negatives, symmetric,
+                                 chunk_budget_mib=None):
     grad_n = torch.empty_like(negatives) if negatives is not None else anchors.new_empty((0, anchors.shape[1]))
     return (torch.empty_like(anchors), torch.empty_like(positives), grad_n,
             anchors.new_empty((), dtype=torch.float64))
@@ -301,13 +444,15 @@ def _target_logits(target_cos, tau, labels, n_pos, has_negatives, weight):
 class CudaInfoNCEFunction(torch.autograd.Function):
     """Per-row losses (N,) float32 from raw embeddings via the CUDA kernels (see module docstring).
 
-    apply(anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric):
-    tensors as :func:`cuda_info_nce_forward`; gradients reach anchors, positives, negatives (input
-    dtype) and tau (float32).
+    apply(anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric,
+    chunk_budget_mib=None): tensors as :func:`cuda_info_nce_forward`, ``chunk_budget_mib`` as
+    :func:`cuda_info_nce_backward`; gradients reach anchors, positives, negatives (input dtype)
+    and tau (float32).
     """
 
     @staticmethod
-    def forward(ctx, anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric):
+    def forward(ctx, anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric,
+                chunk_budget_mib=None):
         lse, col_lse, target_cos = torch.ops.simcse_kernels.cuda_info_nce_forward(
             anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric
         )
@@ -316,13 +461,13 @@ class CudaInfoNCEFunction(torch.autograd.Function):
         if symmetric:
             loss = 0.5 * (loss + col_lse[labels] - target)
         ctx.save_for_backward(anchors, positives, negatives, mix3, mix4, tau, labels, lse, col_lse, target_cos)
-        ctx.options = (w, anchor_negatives, symmetric)
+        ctx.options = (w, anchor_negatives, symmetric, chunk_budget_mib)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         anchors, positives, negatives, mix3, mix4, tau, labels, lse, col_lse, target_cos = ctx.saved_tensors
-        w, anchor_negatives, symmetric = ctx.options
+        w, anchor_negatives, symmetric, chunk_budget_mib = ctx.options
         g = grad_loss.float().contiguous()
         if symmetric:
             row_weight = 0.5 * g
@@ -332,13 +477,13 @@ class CudaInfoNCEFunction(torch.autograd.Function):
             col_weight = g.new_empty(0)
         grad_a, grad_p, grad_n, dtau_acc = torch.ops.simcse_kernels.cuda_info_nce_backward(
             anchors, positives, negatives, mix3, mix4, tau, labels, lse, col_lse, row_weight, col_weight, g, w,
-            anchor_negatives, symmetric,
+            anchor_negatives, symmetric, chunk_budget_mib,
         )
         # sum dS·cos nearly cancels against the target term: subtract in float64
         dtau_cos = dtau_acc - (g.double() * target_cos.double()).sum()
         grad_tau = (-dtau_cos / (tau.double() * tau.double())).to(tau.dtype)
         return (grad_a, grad_p, grad_n if negatives is not None else None, None, None, grad_tau,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def _check_cuda_inputs(anchors, positives, negatives, labels) -> None:
@@ -399,5 +544,6 @@ def cuda_info_nce(
         anchors.contiguous(), positives.contiguous(), None if negatives is None else negatives.contiguous(),
         mix3, mix4, tau, labels.to(torch.int64).contiguous(), float(options.hard_negative_weight),
         options.anchor_negatives, options.symmetric,
+        None if options.chunk_budget_mib is None else float(options.chunk_budget_mib),
     )
     return reduce_loss(per_row, options.reduction)

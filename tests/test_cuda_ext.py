@@ -625,6 +625,35 @@ def test_emulated_chunk_budget_option_reaches_the_backward(backward_spy):
 
 
 @pytest.mark.slow
+def test_emulated_default_backward_gemm_equivalents(backward_spy, monkeypatch):
+    """Backward cost with every option on, over two chunks: one block_dlogits launch per (block, chunk)
+    (each logit tile recomputed once = 1 GEMM-equivalent) and torch GEMMs of exactly 2·R·M_b·D FLOPs
+    per gradient role of each block: 2 GEMM-equivalents less MixCSE's detached roles (mix3 has no
+    column gradient, mix4 no row gradient)."""
+    n, d = 100, 16
+    flops = []
+    real = cuda_loss.accumulate_gemm
+
+    def count(out, a, b, accumulate):
+        assert a.shape[1] == b.shape[0] and out.shape == (a.shape[0], b.shape[1])
+        flops.append(2 * a.shape[0] * a.shape[1] * b.shape[1])
+        return real(out, a, b, accumulate)
+
+    monkeypatch.setattr(cuda_loss, "accumulate_gemm", count)
+    monkeypatch.setenv("SIMCSE_KERNELS_CHUNK_MIB", repr(TINY_MIB))
+    k, opts = split_option_set("everything", n)
+    a, p, neg = make_inputs(n, d, k, dtype=torch.bfloat16, seed=37)
+    fused_info_nce(a.clone().requires_grad_(True), p.clone().requires_grad_(True),
+                   neg.clone().requires_grad_(True), backend="cuda", **opts).backward()
+    m_total = _m_total(n, n, k, opts)  # P + K + N + 2N = 5N
+    assert sorted(backward_spy.dlogits) == sorted((r0, r1, c0, m_total) for r0, r1 in ((0, 64), (64, 100))
+                                                  for c0 in (0, n, 2 * n, 3 * n, 4 * n))
+    gemm_eq = 2 * n * m_total * d
+    assert sum(flops) == 2 * n * d * (2 * n + 2 * k + 2 * n + n + n)
+    assert sum(flops) / gemm_eq == pytest.approx(1.6)  # <= 2
+
+
+@pytest.mark.slow
 def test_emulated_default_backward_is_bitwise_deterministic(backward_spy):
     """Two runs over several chunks give bit-identical gradients (no atomics); one chunk agrees to round-off."""
     a, p, neg = make_inputs(150, 24, 150, dtype=torch.bfloat16, seed=34)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The committed CPU results (benchmarks/results/cpu/): each (D, N) group in its own fresh process,
 # fp32 forward+backward, 1 torch thread, the load average sampled every 30 s into load.log.
-# Usage: bash benchmarks/run_cpu_suite.sh [OUT_DIR] [STAGES]   (STAGES: comma list of 1..5, default 1,2,3,4)
+# Usage: bash benchmarks/run_cpu_suite.sh [OUT_DIR] [STAGES]   (STAGES: comma list of 1..7, default 1,2,3,4)
 set -u
 OUT=${1:-benchmarks/results/cpu}
 STAGES=${2:-1,2,3,4}
@@ -35,4 +35,22 @@ stage 5 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 1024,4096 --di
 stage 5 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 4096 --dim 768 --input-sets 2 --repeats 3 \
     --modes symmetric --providers naive,compile,st_mnrl,torch --no-memory --label "$LABEL" \
     --out "$RUNS/e_sym_d768_n4096" --time-budget 600
+# 6 (not in the default stages): symmetric rows again after the one-pass column terms (runs/f_sym_*)
+stage 6 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 1024,4096 --dim 256 --input-sets 3 --repeats 3 \
+    --modes symmetric --providers naive,compile,torch --label "$LABEL" --out "$RUNS/f_sym_d256_small" \
+    --time-budget 900
+stage 6 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 4096 --dim 768 --input-sets 2 --repeats 3 \
+    --modes symmetric --providers naive,compile,torch --no-memory --label "$LABEL" \
+    --out "$RUNS/f_sym_d768_n4096" --time-budget 600
+stage 6 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 16384 --dim 256 --modes symmetric \
+    --providers naive,compile,torch --input-sets 1 --repeats 2 --case-seconds 200 --cpu-mem-cap-gb 8 \
+    --label "$LABEL" --out "$RUNS/f_sym_d256_n16384" --time-budget 1200
+# 7 (not in the default stages): the N = 16384 rows missing above (naive needs up to ~12 GiB: run it
+#   alone on the 24 GiB box; the estimate is conservative), one warm-up and one timed call per provider
+stage 7 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 16384 --dim 256 --modes sup,mixcse \
+    --providers naive,compile,torch --input-sets 1 --repeats 1 --warmup 1 --case-seconds 300 \
+    --cpu-mem-cap-gb 20 --label "$LABEL" --out "$RUNS/g_d256_n16384" --time-budget 2400
+stage 7 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 16384 --dim 768 --modes sup,mixcse,symmetric \
+    --providers naive,compile,torch --input-sets 1 --repeats 1 --warmup 1 --case-seconds 400 \
+    --cpu-mem-cap-gb 20 --no-memory --label "$LABEL" --out "$RUNS/g_d768_n16384" --time-budget 3000
 python benchmarks/merge_runs.py "$RUNS"/*/bench_loss.json --out "$OUT"

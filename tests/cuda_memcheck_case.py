@@ -1,14 +1,18 @@
 """Run every kernel of the CUDA extension once on small odd shapes (for compute-sanitizer).
 
-Usage on a GPU machine (not collected by pytest)::
+Usage on a GPU machine (not collected by pytest), once per backward::
 
     compute-sanitizer --tool memcheck python tests/cuda_memcheck_case.py
     compute-sanitizer --tool racecheck python tests/cuda_memcheck_case.py
+    SIMCSE_CUDA_BWD=atomic compute-sanitizer --tool memcheck python tests/cuda_memcheck_case.py
+    SIMCSE_CUDA_BWD=atomic compute-sanitizer --tool racecheck python tests/cuda_memcheck_case.py
 
 Covers, for float32, float16 and bfloat16: row_inv_norms, lse_partials with every pattern (none,
-hard, self, mix3, mix4) and the transposed positives block (symmetric), target_cos, block_backward
-(row and column softmax), target_backward and normalize_backward; shapes not multiples of the
-64-row tile or of 32 in D, with M > N. Exits non-zero if anything fails or is not finite.
+hard, self, mix3, mix4) and the transposed positives block (symmetric), target_cos,
+normalize_backward, and the backward kernels: block_dlogits (default: row and column softmax,
+target columns) or, with ``SIMCSE_CUDA_BWD=atomic``, block_backward and target_backward; shapes
+not multiples of the 64-row tile or of 32 in D, with M > N. Exits non-zero if anything fails or
+is not finite.
 """
 
 from __future__ import annotations

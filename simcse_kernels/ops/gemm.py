@@ -32,12 +32,13 @@ def accumulate_gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumul
         a: (m, k), b: (k, n) in the GEMM dtype (strided views allowed).
 
     16-bit operands: ``torch.mm``/``torch.addmm`` with ``out_dtype=torch.float32`` on CUDA (cuBLAS
-    accumulates in fp32 and writes fp32); on CPU (the interpreter and emulation tests) they are
-    upcast to fp32 first. fp32 operands use tf32 only when ``torch.backends.cuda.matmul.allow_tf32``
-    is set (torch's rule).
+    accumulates in fp32 and writes fp32) and on the meta device (the same call, so a CPU test
+    checks its argument forms, shapes and dtypes); on CPU (the interpreter and emulation tests)
+    they are upcast to fp32 first (CPU has no ``out_dtype`` kernel). fp32 operands use tf32 only
+    when ``torch.backends.cuda.matmul.allow_tf32`` is set (torch's rule).
     """
     if a.dtype in (torch.float16, torch.bfloat16):
-        if a.is_cuda:
+        if a.device.type in ("cuda", "meta"):
             if accumulate:
                 torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
             else:

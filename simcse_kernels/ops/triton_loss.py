@@ -134,6 +134,7 @@ import torch
 from ..reference import mixed_features, reduce_loss
 from .budget import chunk_budget_bytes, rows_per_chunk
 from .features import compute_dtype_for, temperature_tensor
+from .gemm import accumulate_gemm, ds_storage_dtype
 
 try:  # triton is an optional dependency
     import triton
@@ -459,33 +460,6 @@ def backward_mode() -> str:
     return mode
 
 
-def _ds_storage(dtype: torch.dtype) -> torch.dtype:
-    """Storage (and GEMM operand) dtype of ``∂L/∂s`` for inputs of ``dtype`` (module docstring,
-    "Storage dtype"): the input dtype, except fp32 for fp16 inputs."""
-    return torch.float32 if dtype == torch.float16 else dtype
-
-
-def _gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
-    """``out = a @ b`` (``accumulate``: ``out += a @ b``) with fp32 (fp64) accumulation.
-
-    Args: out (m, n) fp32/fp64, contiguous (may be a row slice); a (m, k), b (k, n) in the GEMM
-    dtype (strided views allowed). 16-bit operands: ``out_dtype=torch.float32`` on CUDA (cuBLAS
-    accumulates in fp32); on CPU (interpreter tests) they are upcast to fp32 first.
-    """
-    if a.dtype in (torch.float16, torch.bfloat16):
-        if a.is_cuda:
-            if accumulate:
-                torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-            else:
-                torch.mm(a, b, out_dtype=torch.float32, out=out)
-            return
-        a, b = a.float(), b.float()
-    if accumulate:
-        torch.addmm(out, a, b, out=out)
-    else:
-        torch.mm(a, b, out=out)
-
-
 def _backward_chunked(g, cw, clse, anchors, positives, negatives, labels, lse, ptrs, prec, cdt, n, n_pos, k,
                       d, has_neg, has_mix, anchor_negatives, symmetric, need_a, need_p, need_n, need_dtau,
                       chunk_budget_mib):
@@ -499,7 +473,7 @@ def _backward_chunked(g, cw, clse, anchors, positives, negatives, labels, lse, p
         ∂p̂ (P, D) or None, ∂n̂ (K, D) or None, Σ ∂L/∂s·cos (0-dim) or None)``, compute dtype.
     """
     dev = anchors.device
-    gdt = _ds_storage(anchors.dtype)
+    gdt = ds_storage_dtype(anchors.dtype)
     n_mix = n if has_mix else 0
     n_an = n if anchor_negatives else 0
     m_row = n_pos + k + n_an + n_mix  # columns with a row role (all but mix4)
@@ -569,16 +543,16 @@ def _backward_chunked(g, cw, clse, anchors, positives, negatives, labels, lse, p
         if store_ds:
             ds = ds_buf[:rows]
             if need_a:
-                _gemm(da_rows[r0:r1], ds[:, :m_row], c_row, accumulate=False)
+                accumulate_gemm(da_rows[r0:r1], ds[:, :m_row], c_row, accumulate=False)
             a_c = a_raw[r0:r1]
             if need_p:
-                _gemm(dp_hat, ds[:, :n_pos].T, a_c, accumulate=True)
+                accumulate_gemm(dp_hat, ds[:, :n_pos].T, a_c, accumulate=True)
                 if has_mix:
-                    _gemm(dp_hat, ds[:, c_m4:c_m4 + n].T, m4_raw[r0:r1], accumulate=True)
+                    accumulate_gemm(dp_hat, ds[:, c_m4:c_m4 + n].T, m4_raw[r0:r1], accumulate=True)
             if need_n:
-                _gemm(dn_hat, ds[:, n_pos:n_pos + k].T, a_c, accumulate=True)
+                accumulate_gemm(dn_hat, ds[:, n_pos:n_pos + k].T, a_c, accumulate=True)
             if need_a and anchor_negatives:
-                _gemm(da_cols, ds[:, c_an:c_an + n].T, a_c, accumulate=True)
+                accumulate_gemm(da_cols, ds[:, c_an:c_an + n].T, a_c, accumulate=True)
         r0 = r1
     # the GEMMs gave r_x ∂x̂ (the inverse norms folded into ds): divide the row scaling out
     for buf, r in ((da_rows, ptrs["ra_ptr"]), (da_cols, ptrs["ra_ptr"]), (dp_hat, ptrs["rp_ptr"]),

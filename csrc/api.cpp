@@ -16,6 +16,7 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "launchers.h"
 
@@ -108,6 +109,32 @@ void check_device(const std::string& where, int device) {
   if (device < 0) fail(where, "device index must be >= 0, got " + std::to_string(device));
 }
 
+/// The (rows, cols) operands of one logit block, checked: D, both operands, their dtype pair and
+/// the block's pattern.
+std::pair<Operand, Operand> block_operands(const std::string& where, const OperandTuple& rows,
+                                           const OperandTuple& cols, int64_t dim, int pattern) {
+  check_dim(where, dim);
+  const Operand r = to_operand(where, "rows", rows, dim, 1, true);
+  const Operand c = to_operand(where, "cols", cols, dim, 1, true);
+  check_pair(where, r, c);
+  check_pattern(where, pattern, r, c);
+  return {r, c};
+}
+
+/// The softmax inputs of the backward kernels: tau, the row LSEs and weights, and the symmetric
+/// loss's column LSEs and weights (both given or both 0).
+void check_softmax_inputs(const std::string& where, uintptr_t tau, uintptr_t lse, uintptr_t row_weight,
+                          uintptr_t col_lse, uintptr_t col_weight) {
+  check_pointer(where, "tau", tau, 4);
+  check_pointer(where, "lse", lse, 4);
+  check_pointer(where, "row_weight", row_weight, 4);
+  if ((col_lse == 0) != (col_weight == 0)) fail(where, "col_lse and col_weight must both be given or both be 0");
+  if (col_lse != 0) {
+    check_pointer(where, "col_lse", col_lse, 4);
+    check_pointer(where, "col_weight", col_weight, 4);
+  }
+}
+
 void raise_if_failed(const std::string& where, int code) {
   if (code != 0) {
     throw std::runtime_error("simcse_kernels._cuda_ext." + where + ": CUDA launch failed (" +
@@ -127,11 +154,7 @@ void row_inv_norms(const OperandTuple& x, int64_t dim, uintptr_t out, int device
 void lse_partials(const OperandTuple& rows, const OperandTuple& cols, int64_t dim, uintptr_t tau, double weight,
                   int pattern, int n_splits, uintptr_t out, int device, uintptr_t stream) {
   const std::string where = "lse_partials";
-  check_dim(where, dim);
-  const Operand r = to_operand(where, "rows", rows, dim, 1, true);
-  const Operand c = to_operand(where, "cols", cols, dim, 1, true);
-  check_pair(where, r, c);
-  check_pattern(where, pattern, r, c);
+  const auto [r, c] = block_operands(where, rows, cols, dim, pattern);
   check_splits(where, n_splits);
   check_pointer(where, "tau", tau, 4);
   check_pointer(where, "out", out, 4);
@@ -145,20 +168,9 @@ void block_backward(const OperandTuple& rows, const OperandTuple& cols, int64_t 
                     uintptr_t grad_rows, uintptr_t grad_cols, uintptr_t dtau_acc, int n_splits, int device,
                     uintptr_t stream) {
   const std::string where = "block_backward";
-  check_dim(where, dim);
-  const Operand r = to_operand(where, "rows", rows, dim, 1, true);
-  const Operand c = to_operand(where, "cols", cols, dim, 1, true);
-  check_pair(where, r, c);
-  check_pattern(where, pattern, r, c);
+  const auto [r, c] = block_operands(where, rows, cols, dim, pattern);
   check_splits(where, n_splits);
-  check_pointer(where, "tau", tau, 4);
-  check_pointer(where, "lse", lse, 4);
-  check_pointer(where, "row_weight", row_weight, 4);
-  if ((col_lse == 0) != (col_weight == 0)) fail(where, "col_lse and col_weight must both be given or both be 0");
-  if (col_lse != 0) {
-    check_pointer(where, "col_lse", col_lse, 4);
-    check_pointer(where, "col_weight", col_weight, 4);
-  }
+  check_softmax_inputs(where, tau, lse, row_weight, col_lse, col_weight);
   if (grad_rows != 0) check_pointer(where, "grad_rows", grad_rows, 4);
   if (grad_cols != 0) check_pointer(where, "grad_cols", grad_cols, 4);
   check_pointer(where, "dtau_acc", dtau_acc, 8);
@@ -174,11 +186,7 @@ void block_dlogits(const OperandTuple& rows, const OperandTuple& cols, int64_t d
                    uintptr_t out, int out_dtype, int64_t ld_out, int64_t out_col0, uintptr_t dtau_part,
                    int64_t n_tiles_total, int64_t tile_col0, int device, uintptr_t stream) {
   const std::string where = "block_dlogits";
-  check_dim(where, dim);
-  const Operand r = to_operand(where, "rows", rows, dim, 1, true);
-  const Operand c = to_operand(where, "cols", cols, dim, 1, true);
-  check_pair(where, r, c);
-  check_pattern(where, pattern, r, c);
+  const auto [r, c] = block_operands(where, rows, cols, dim, pattern);
   if (row_start < 0 || row_end <= row_start || row_end > r.rows) {
     fail(where, "need 0 <= row_start < row_end <= rows (" + std::to_string(r.rows) + "), got row_start " +
                     std::to_string(row_start) + " and row_end " + std::to_string(row_end));
@@ -187,14 +195,7 @@ void block_dlogits(const OperandTuple& rows, const OperandTuple& cols, int64_t d
     fail(where, "a chunk may have at most " + std::to_string(int64_t(kMaxSplits) * 64) + " rows (grid.y), got " +
                     std::to_string(row_end - row_start));
   }
-  check_pointer(where, "tau", tau, 4);
-  check_pointer(where, "lse", lse, 4);
-  check_pointer(where, "row_weight", row_weight, 4);
-  if ((col_lse == 0) != (col_weight == 0)) fail(where, "col_lse and col_weight must both be given or both be 0");
-  if (col_lse != 0) {
-    check_pointer(where, "col_lse", col_lse, 4);
-    check_pointer(where, "col_weight", col_weight, 4);
-  }
+  check_softmax_inputs(where, tau, lse, row_weight, col_lse, col_weight);
   if (target_col_offset < -1) {
     fail(where, "target_col_offset must be >= 0, or -1 for a block without targets, got " +
                     std::to_string(target_col_offset));

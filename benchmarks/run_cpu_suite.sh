@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The committed CPU results (benchmarks/results/cpu/): each (D, N) group in its own fresh process,
 # fp32 forward+backward, 1 torch thread, the load average sampled every 30 s into load.log.
-# Usage: bash benchmarks/run_cpu_suite.sh [OUT_DIR] [STAGES]   (STAGES: comma list of 1..7, default 1,2,3,4)
+# Usage: bash benchmarks/run_cpu_suite.sh [OUT_DIR] [STAGES]   (STAGES: comma list of 1..6, default 1,2,3,4,5)
 set -u
 OUT=${1:-benchmarks/results/cpu}
-STAGES=${2:-1,2,3,4}
+STAGES=${2:-1,2,3,4,5}
 RUNS="$OUT/runs"
 mkdir -p "$RUNS"
 ( while true; do echo "$(date -u +%H:%M:%S) $(cut -d' ' -f1-3 /proc/loadavg)"; sleep 30; done ) >> "$OUT/load.log" &
@@ -27,30 +27,19 @@ stage 3 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 16384 --dim 25
 stage 4 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 16384 --dim 768 --modes unsup \
     --providers naive,compile,torch --input-sets 1 --repeats 2 --case-seconds 200 --cpu-mem-cap-gb 8 --no-memory \
     --label "$LABEL" --out "$RUNS/d768_n16384" --time-budget 1500
-# 5 (not in the default stages): re-measure only the symmetric rows of stages 1 and 2 (runs/e_sym_*;
-#   merge_runs lets a later run's row replace an earlier one), as done for the committed results
-#   after the one-chunk symmetric change
-stage 5 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 1024,4096 --dim 256 --input-sets 3 --repeats 3 \
-    --modes symmetric --label "$LABEL" --out "$RUNS/e_sym_d256_small" --time-budget 900
-stage 5 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 4096 --dim 768 --input-sets 2 --repeats 3 \
-    --modes symmetric --providers naive,compile,st_mnrl,torch --no-memory --label "$LABEL" \
-    --out "$RUNS/e_sym_d768_n4096" --time-budget 600
-# 6 (not in the default stages): symmetric rows again after the one-pass column terms (runs/f_sym_*)
-stage 6 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 1024,4096 --dim 256 --input-sets 3 --repeats 3 \
-    --modes symmetric --providers naive,compile,torch --label "$LABEL" --out "$RUNS/f_sym_d256_small" \
-    --time-budget 900
-stage 6 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 4096 --dim 768 --input-sets 2 --repeats 3 \
-    --modes symmetric --providers naive,compile,torch --no-memory --label "$LABEL" \
-    --out "$RUNS/f_sym_d768_n4096" --time-budget 600
-stage 6 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 16384 --dim 256 --modes symmetric \
-    --providers naive,compile,torch --input-sets 1 --repeats 2 --case-seconds 200 --cpu-mem-cap-gb 8 \
-    --label "$LABEL" --out "$RUNS/f_sym_d256_n16384" --time-budget 1200
-# 7 (not in the default stages): the N = 16384 rows missing above (naive needs up to ~12 GiB: run it
-#   alone on the 24 GiB box; the estimate is conservative), one warm-up and one timed call per provider
-stage 7 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 16384 --dim 256 --modes sup,mixcse \
+# 5. the other N = 16384 rows: sup and MixCSE at D = 256, sup/MixCSE/symmetric at D = 768 (naive needs
+#   up to ~12 GiB: run it alone on the 24 GiB box; the estimate is conservative), one warm-up and one
+#   timed call per provider
+stage 5 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 16384 --dim 256 --modes sup,mixcse \
     --providers naive,compile,torch --input-sets 1 --repeats 1 --warmup 1 --case-seconds 300 \
-    --cpu-mem-cap-gb 20 --label "$LABEL" --out "$RUNS/g_d256_n16384" --time-budget 2400
-stage 7 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 16384 --dim 768 --modes sup,mixcse,symmetric \
+    --cpu-mem-cap-gb 20 --label "$LABEL" --out "$RUNS/d256_n16384_sup_mixcse" --time-budget 2400
+stage 5 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 16384 --dim 768 --modes sup,mixcse,symmetric \
     --providers naive,compile,torch --input-sets 1 --repeats 1 --warmup 1 --case-seconds 400 \
-    --cpu-mem-cap-gb 20 --no-memory --label "$LABEL" --out "$RUNS/g_d768_n16384" --time-budget 3000
+    --cpu-mem-cap-gb 20 --no-memory --label "$LABEL" --out "$RUNS/d768_n16384_sup_mixcse_sym" --time-budget 3000
+# 6 (not in the default stages; outside runs/, so the merged table keeps the default budget): symmetric at
+#   D = 768, N = 16384 with a budget that holds one chunk (3 GEMM-equivalents instead of 4)
+stage 6 && SIMCSE_KERNELS_CHUNK_MIB=2048 python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 16384 --dim 768 \
+    --modes symmetric --providers naive,compile,torch --input-sets 1 --repeats 1 --warmup 1 --case-seconds 400 \
+    --cpu-mem-cap-gb 20 --no-memory --label "$LABEL, SIMCSE_KERNELS_CHUNK_MIB=2048" \
+    --out "$OUT/extra/sym_d768_n16384_budget2048" --time-budget 1200
 python benchmarks/merge_runs.py "$RUNS"/*/bench_loss.json --out "$OUT"

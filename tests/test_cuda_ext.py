@@ -231,9 +231,9 @@ def emulated_extension(tmp_path_factory):
     flags = ["-O1", "-fPIC", f"-I{include}", f"-I{ROOT / 'csrc'}", f"-I{pybind11.get_include()}",
              f"-I{sysconfig.get_paths()['include']}"]
     emu = ROOT / "csrc" / "emulation"
-    jobs = [[cxx, "-std=c++20", *flags, "-x", "c++", "-include", str(emu / "emu.h"), "-c", str(ROOT / "csrc" / src),
-             "-o", str(out / (src + ".o"))] for src in ("block_forward.cu", "block_backward.cu", "block_dlogits.cu",
-                                                       "rowwise.cu", "runtime.cu")]
+    sources = sorted((ROOT / "csrc").glob("*.cu"))  # every kernel file of the extension (setup.py's CU_SOURCES)
+    jobs = [[cxx, "-std=c++20", *flags, "-x", "c++", "-include", str(emu / "emu.h"), "-c", str(src),
+             "-o", str(out / (src.name + ".o"))] for src in sources]
     jobs.append([cxx, "-std=c++20", *flags, "-c", str(emu / "stubs.cpp"), "-o", str(out / "stubs.o")])
     jobs.append([cxx, "-std=c++17", *flags, "-fvisibility=hidden", '-DSIMCSE_CUDA_ARCHS="emulated"', "-c",
                  str(ROOT / "csrc" / "api.cpp"), "-o", str(out / "api.o")])

@@ -67,10 +67,10 @@ GEMM_COUNT_MODES = {"unsup": "unsup", "sup": "sup_weight", "mixcse": "mixcse", "
 def add_gemm_counts(rows: list[dict], n_count: int = 64) -> str:
     """``gemm_equiv_counted`` on rows of ours (fwd+bwd), from :mod:`simcse_kernels.analysis.gemm_count`.
 
-    The count is made once per (backend, mode, N, D) at N = ``n_count`` with the default 256 MiB
-    chunk budget scaled by (n_count / N)², so a symmetric loss takes the same one-chunk (3) or
-    two-pass (4) path as at the benchmark's N. Returns a note for the meta (what was counted, or
-    why not).
+    ``torch`` rows are counted at the benchmark's own N and D on the ``meta`` device with the row
+    plan of the benchmark's device (default budget, so a symmetric loss takes the same one-chunk,
+    two-pass or kept-rows path). Other backends at N = ``n_count`` with the default 256 MiB chunk
+    budget scaled by (n_count / N)². Returns a note for the meta (what was counted, or why not).
     """
     try:
         from simcse_kernels.analysis.gemm_count import count_gemm_equivalents
@@ -82,15 +82,19 @@ def add_gemm_counts(rows: list[dict], n_count: int = 64) -> str:
         mode = GEMM_COUNT_MODES.get(r["mode"])
         if r.get("kind") != "ours" or r.get("status") != "ok" or r["pass"] != "fwdbwd" or mode is None:
             continue
-        key = (r["provider"], mode, r["n"], r["d"])
+        key = (r["provider"], mode, r["n"], r["d"], r["device"])
         if key not in cache:
-            budget = DEFAULT_CHUNK_MIB * (n_count / r["n"]) ** 2
-            cache[key] = round(count_gemm_equivalents(r["provider"], mode, n_count, r["d"],
-                                                      chunk_budget_mib=budget), 4)
+            if r["provider"] == "torch":
+                count = count_gemm_equivalents("torch", mode, r["n"], r["d"], meta_plan_of=r["device"])
+            else:
+                budget = DEFAULT_CHUNK_MIB * (n_count / r["n"]) ** 2
+                count = count_gemm_equivalents(r["provider"], mode, n_count, r["d"], chunk_budget_mib=budget)
+            cache[key] = round(count, 4)
         r["gemm_equiv_counted"] = cache[key]
-    return (f"gemm_equiv_counted: simcse_kernels.analysis.gemm_count.count_gemm_equivalents(provider, mode, "
-            f"n={n_count}, d, chunk budget 256 MiB·({n_count}/N)²) for ours, forward+backward "
-            "(every matmul FLOP / 2·N·M·D)")
+    return ("gemm_equiv_counted: simcse_kernels.analysis.gemm_count.count_gemm_equivalents, forward+backward "
+            "(every matmul FLOP / 2·N·M·D): torch at the row's N and D on the meta device with the row's "
+            f"device's chunk plan and default budget; other backends at n={n_count} with a chunk budget "
+            f"256 MiB·({n_count}/N)²")
 
 
 def main(argv=None) -> int:

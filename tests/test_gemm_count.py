@@ -127,6 +127,34 @@ def test_torch_backend_gemm_count(mode, d, reduction):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_meta_count_equals_the_count_on_data(mode):
+    """Counting on the meta device (any N, no data) sees the same matmuls as a real CPU call."""
+    real = gc.count_gemm_equivalents("torch", mode, 40, 96, chunk_budget_mib=0.02)
+    assert gc.count_gemm_equivalents("torch", mode, 40, 96, chunk_budget_mib=0.02, meta_plan_of="cpu") == \
+        pytest.approx(real, rel=1e-12)
+
+
+def test_torch_symmetric_counts_at_benchmark_sizes():
+    """The CPU plan at N = 16384 with the default budget: D = 768 keeps every first-pass row (3),
+    D = 256 keeps 3072 of 16384 (4 - 3072/16384); the meta plan leaves MAX_ROWS as it was."""
+    from simcse_kernels.ops import chunked
+
+    before = dict(chunked.MAX_ROWS)
+    assert gc.count_gemm_equivalents("torch", "symmetric", 16384, 768, meta_plan_of="cpu") == pytest.approx(3.0)
+    assert gc.count_gemm_equivalents("torch", "symmetric", 16384, 256, meta_plan_of="cpu") == \
+        pytest.approx(4.0 - 3072 / 16384)
+    # N = 600 in CPU chunks of 512 with room for 100 kept rows: the last chunk's 88 rows are kept
+    budget = (512 * 1200 + 100 * 600) * 4 / 2**20
+    real = gc.count_gemm_equivalents("torch", "symmetric", 600, 16, chunk_budget_mib=budget)
+    assert real == pytest.approx(4.0 - 88 / 600)
+    assert gc.count_gemm_equivalents("torch", "symmetric", 600, 16, chunk_budget_mib=budget,
+                                     meta_plan_of="cpu") == pytest.approx(real, rel=1e-12)
+    assert chunked.MAX_ROWS == before
+    with pytest.raises(ValueError, match="meta_plan_of"):
+        gc.count_flops("triton", "unsup", 64, 64, meta_plan_of="cpu")
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_naive_gemm_count(mode):
     """The baseline: one logit GEMM forward, autograd's two backward (none into detached mixtures)."""
     r = gc.count_flops("naive", mode, N, 256)

@@ -268,3 +268,68 @@ def test_cuda_backend_float64_fallback_uses_the_torch_paths(reduction):
     expected = info_nce_reference(a, p, neg, temperature=0.05, hard_negative_weight=0.4, symmetric=True,
                                   reduction=reduction)
     torch.testing.assert_close(got, expected, **LOSS_TOL[torch.float64])
+
+
+def kept_rows_budget_mib(n, k, opts, rows_per, kept):
+    """A budget (MiB) whose room after R working rows holds ``kept`` fp32 logit rows."""
+    m = logit_columns(n, k, opts)
+    return (rows_per * (m + n) + kept * m) * 4 / 2**20
+
+
+@pytest.mark.parametrize("option_set", ["symmetric", "sym_hard_neg", "sym_anchor_mix", "everything"])
+@pytest.mark.parametrize(("room", "expected_kept"), [(11, 11), (20, 19)])
+def test_symmetric_keeps_first_pass_rows(option_set, room, expected_kept, monkeypatch):
+    """Symmetric, N = 23 in chunks of R = 4: the first pass keeps the full logit rows of the last
+    chunks that fit the budget (room for 11 rows: rows 12-22, three chunks, the last partial; room
+    for 20: rows 4-22), the second pass does not recompute them, and every chunk is filled once."""
+    n, d = 23, 40
+    k, opts = split_option_set(option_set, n)
+    monkeypatch.setitem(chunked.MAX_ROWS, "cpu", 4)
+    monkeypatch.setenv(ENV_VAR, repr(kept_rows_budget_mib(n, k, opts, 4, room + 0.5)))
+    seen = []
+    real_cache_rows = chunked.symmetric_cache_rows
+    monkeypatch.setattr(chunked, "symmetric_cache_rows", lambda *a: seen.append(real_cache_rows(*a)) or seen[-1])
+    calls = count_chunks(monkeypatch)
+    a, p, neg = make_inputs(n, d, k, seed=40)
+    assert_backend_matches_reference("torch", a, p, neg, tau=torch.tensor(0.05), **opts)
+    assert seen and set(seen) == {expected_kept}
+    chunks = [(r, min(r + 4, n)) for r in range(0, n, 4)]
+    assert sorted(calls) == sorted(chunks * (len(calls) // len(chunks)))  # each chunk once per call
+
+
+@pytest.mark.parametrize("kept", [0, 11, 23])
+def test_symmetric_kept_rows_gemm_equivalents(kept, monkeypatch):
+    """Plain symmetric (M = P = N): 4 - kept/N GEMM-equivalents forward+backward (0, 11 or all 23
+    rows kept), the same loss and gradients as the oracle."""
+    n, d = 23, 32
+    monkeypatch.setitem(chunked.MAX_ROWS, "cpu", 4)
+    monkeypatch.setenv(ENV_VAR, repr(kept_rows_budget_mib(n, 0, dict(symmetric=True), 4, kept + 0.5)))
+    a, p, _ = make_inputs(n, d, seed=41)
+    leaves = [t.requires_grad_(True) for t in (a, p)]
+    units = gemm_equivalents(
+        lambda: fused_info_nce(*leaves, temperature=0.05, symmetric=True, backend="torch").backward(), n, n, d)
+    assert units == pytest.approx(4.0 - kept / n, rel=1e-9)
+    assert_backend_matches_reference("torch", a.detach(), p.detach(), None, tau=torch.tensor(0.05),
+                                     symmetric=True)
+
+
+def test_symmetric_cache_rows_budget():
+    """Kept rows: whole trailing chunks within what the budget leaves after R·(M + P) working
+    logits; with the default budget room for min(D/64, 16) x the feature bytes (12x at D = 768)."""
+    n = m = 16384
+    feature_bytes = lambda d: 2 * n * d * 4  # noqa: E731
+    # D = 768: 12 x 96 MiB = 1152 MiB >= 64 MiB working + 1 GiB of logits: every row is kept
+    assert chunked.symmetric_cache_rows(n, m, n, 512, 4, 768, feature_bytes(768), None) == n
+    # D = 256: 4 x 32 MiB < 256 MiB, so the 256 MiB default: (256 - 64) MiB / 64 KiB = 3072 rows
+    assert chunked.symmetric_cache_rows(n, m, n, 512, 4, 256, feature_bytes(256), None) == 3072
+    # D = 4096: at most 16 x the feature bytes (8 GiB here), capped at all N rows
+    assert chunked.symmetric_cache_rows(n, m, n, 512, 4, 4096, feature_bytes(4096), None) == n
+    # a budget the caller chose bounds the kept rows too, whatever D
+    assert chunked.symmetric_cache_rows(n, m, n, 512, 4, 768, feature_bytes(768), 256.0) == 3072
+    assert chunked.symmetric_cache_rows(n, m, n, 512, 4, 768, feature_bytes(768), 64.0) == 0
+    # whole chunks: N = 16000 in chunks of 512 ends with a 128-row chunk; room for 1000 rows keeps
+    # it and one more chunk (640 rows), not a third (1152)
+    budget = (512 * 2 * 16000 + 1000 * 16000) * 4 / 2**20
+    assert chunked.symmetric_cache_rows(16000, 16000, 16000, 512, 4, 768, 1, budget) == 640
+    # one chunk (R >= N) has no first pass
+    assert chunked.symmetric_cache_rows(100, 100, 100, 100, 4, 768, 10**9, None) == 0

@@ -139,8 +139,32 @@ def _count_triton(counter: _Counter, atomic: bool) -> Iterator[None]:
         del builder.create_dot  # back to the class method
 
 
+@contextlib.contextmanager
+def _meta_row_plan(device_type: str | None) -> Iterator[None]:
+    """While active, the ``torch`` backend plans its row chunks on ``meta`` as on ``device_type``."""
+    if device_type is None:
+        yield
+        return
+    from ..ops import chunked
+
+    had, old = "meta" in chunked.MAX_ROWS, chunked.MAX_ROWS.get("meta")
+    cap = chunked.MAX_ROWS.get(device_type)
+    if cap is None:
+        chunked.MAX_ROWS.pop("meta", None)
+    else:
+        chunked.MAX_ROWS["meta"] = cap
+    try:
+        yield
+    finally:
+        if had:
+            chunked.MAX_ROWS["meta"] = old
+        else:
+            chunked.MAX_ROWS.pop("meta", None)
+
+
 def count_flops(backend: str, mode: str, n: int, d: int, dtype: torch.dtype = torch.float32,
-                reduction: str = "mean", chunk_budget_mib: float | None = None, seed: int = 0) -> dict:
+                reduction: str = "mean", chunk_budget_mib: float | None = None, seed: int = 0,
+                meta_plan_of: str | None = None) -> dict:
     """FLOPs of one forward+backward of ``fused_info_nce`` on CPU (every input requires grad).
 
     Args:
@@ -149,6 +173,9 @@ def count_flops(backend: str, mode: str, n: int, d: int, dtype: torch.dtype = to
         n, d: anchors (= positives, = hard negatives when the mode has them) and dimension.
         dtype: input dtype. reduction: "mean", "sum" or "none" (backward of ``loss.sum()``).
         chunk_budget_mib: the ``chunk_budget_mib`` option (row chunks of the gradient paths).
+        meta_plan_of: run on the ``meta`` device (no data, so any N counts instantly; "torch"
+            and "naive" only, inputs unchecked) with the row-chunk plan of this device type
+            (e.g. "cpu": its row cap), i.e. the work of that device's call at this N.
 
     Returns:
         ``{"dot_flops", "torch_flops", "total_flops", "unit_flops", "gemm_equiv"}``; ``unit_flops``
@@ -163,22 +190,29 @@ def count_flops(backend: str, mode: str, n: int, d: int, dtype: torch.dtype = to
     opts = dict(MODES[mode])
     k = n if opts.pop("k", 0) == "n" else 0
     learnable = opts.pop("learnable_tau", False)
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.randn(n, d, generator=gen)
-    p = a + 0.5 * torch.randn(n, d, generator=gen)
-    neg = torch.randn(k, d, generator=gen) if k else None
-    leaves = [t.to(dtype).requires_grad_(True) if t is not None else None for t in (a, p, neg)]
-    tau = torch.tensor(0.05, requires_grad=True) if learnable else 0.05
+    if meta_plan_of is not None:
+        if backend.startswith("triton"):
+            raise ValueError("meta_plan_of counts the torch and naive backends only")
+        leaves = [torch.empty(rows, d, device="meta", dtype=dtype, requires_grad=True) if rows else None
+                  for rows in (n, n, k)]
+        tau = torch.tensor(0.05, device="meta", requires_grad=True) if learnable else 0.05
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        a = torch.randn(n, d, generator=gen)
+        p = a + 0.5 * torch.randn(n, d, generator=gen)
+        neg = torch.randn(k, d, generator=gen) if k else None
+        leaves = [t.to(dtype).requires_grad_(True) if t is not None else None for t in (a, p, neg)]
+        tau = torch.tensor(0.05, requires_grad=True) if learnable else 0.05
     counter = _Counter()
     ctx = _count_triton(counter, backend == "triton_atomic") if backend.startswith("triton") \
-        else contextlib.nullcontext()
+        else _meta_row_plan(meta_plan_of)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny shapes: threads only add contention (the count does not depend on it)
     try:
         with ctx, flop_counter_mode() as outer:
             loss = fused_info_nce(*leaves, temperature=tau, reduction=reduction,
                                   backend="triton" if backend.startswith("triton") else backend,
-                                  chunk_budget_mib=chunk_budget_mib, **opts)
+                                  chunk_budget_mib=chunk_budget_mib, check_inputs=meta_plan_of is None, **opts)
             loss.sum().backward()
     finally:
         torch.set_num_threads(threads)

@@ -1,7 +1,9 @@
 """Memory budget of the row-chunked gradient paths (fused and ``torch`` backends).
 
 Both backends form ``∂L/∂s`` for R anchor rows at a time, an (R, M) buffer; R is chosen so that
-buffer fits the budget, so extra memory is O(R·M + (N + M)·D) and never grows with N·M.
+buffer fits the budget, so extra memory is O(R·M + (N + M)·D) and never grows with N·M. The
+``torch`` backend's symmetric loss also keeps first-pass logit rows in what the budget leaves
+(:func:`simcse_kernels.ops.chunked.symmetric_cache_rows`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,11 @@ import os
 #: default budget of the (R, M) gradient chunk, in MiB
 DEFAULT_CHUNK_MIB = 256.0
 ENV_VAR = "SIMCSE_KERNELS_CHUNK_MIB"
+
+
+def budget_is_set(chunk_budget_mib: float | None) -> bool:
+    """Whether the caller chose the budget (the option, or a non-empty ``$SIMCSE_KERNELS_CHUNK_MIB``)."""
+    return chunk_budget_mib is not None or os.environ.get(ENV_VAR, "").strip() != ""
 
 
 def chunk_budget_bytes(chunk_budget_mib: float | None) -> int:

@@ -9,10 +9,13 @@ Two paths (the math is written in :mod:`simcse_kernels.reference`):
   pass), forms ``∂L/∂s`` in the same buffer (minus the target, the symmetric column term, zero
   at constant logits) and immediately runs the two gradient GEMMs (``∂â[chunk] = dS @ ĉ``,
   ``∂ĉ += dS^T @ â[chunk]``). Backward only scales the saved gradients by the incoming scalar
-  gradient; the normalization backward runs through autograd. That is 3 GEMM-equivalents
-  forward+backward with no recomputation (symmetric: a first pass over the positives block for
-  the column log-sum-exps, 4, unless all N rows fit the budget in one chunk: 3), and memory O(R·M + (N + M)·D) with R from the chunk budget
-  (:mod:`simcse_kernels.ops.budget`). The temperature gradient needs no extra pass:
+  gradient; the normalization backward runs through autograd (:mod:`.normalize`). That is 3
+  GEMM-equivalents forward+backward with no recomputation, and memory O(R·M + (N + M)·D) with R
+  from the chunk budget (:mod:`simcse_kernels.ops.budget`). Symmetric: 3 as well when all N rows
+  fit the budget in one chunk; otherwise a first pass over the positives block gives the column
+  log-sum-exps (4), and it keeps the full logit rows of the last chunks the budget still holds,
+  which the second pass then does not recompute (4 - kept/N; :func:`symmetric_cache_rows`).
+  The temperature gradient needs no extra pass:
   ``Σ_ij dS_ij cos_ij = Σ_i â_i·(dS @ ĉ)_i``, a dot of the gradient GEMM's output with â.
   Under ``no_grad`` (or when no input requires grad) only the loss is computed.
   Each row's loss is ``-log σ_{i,l_i}`` (exact while σ is a normal float) or else
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .budget import chunk_budget_bytes, rows_per_chunk
+from .budget import budget_is_set, chunk_budget_bytes, rows_per_chunk
 from .features import LogitBlock, NormalizedFeatures, logit_blocks
 
 #: logits per chunk: 2M (8 MiB fp32) on CPU; 16M (64 MiB) on GPUs, where launches cost more
@@ -201,6 +204,45 @@ def scalar_rows_per_chunk(n_rows: int, n_cols: int, n_pos: int, symmetric: bool,
     return max(1, min(rows, cap)) if cap else rows
 
 
+#: with the default budget, a symmetric loss may keep first-pass logit rows worth up to
+#: min(D / KEEP_DIM_UNIT, KEEP_MAX_MULTIPLE) times the bytes of its feature operands
+KEEP_DIM_UNIT = 64
+KEEP_MAX_MULTIPLE = 16
+
+
+def symmetric_cache_rows(n_rows: int, n_cols: int, n_pos: int, rows_per: int, itemsize: int, dim: int,
+                         feature_bytes: int, chunk_budget_mib: float | None) -> int:
+    """Trailing anchor rows whose full logit rows the symmetric first pass keeps for the second.
+
+    The first pass of a multi-chunk symmetric loss computes each row's positives block only for
+    the column log-sum-exps; the second recomputes it. A kept row (all M_total logits, constants
+    applied, stored by the first pass) skips that recompute: it saves 2·M_total·D FLOPs for
+    M_total·itemsize bytes, so keeping rows pays more the larger D is, and the default room for
+    them grows with D.
+
+    Args:
+        n_rows: N; n_cols: M_total; n_pos: P; rows_per: R of the working chunks; itemsize: bytes
+        of the compute dtype; dim: D; feature_bytes: bytes of every feature operand (anchors,
+        positives, negatives, MixCSE rows); chunk_budget_mib: the budget option.
+
+    Returns:
+        A row count that is N minus a multiple of R (whole trailing chunks; all N possible), 0
+        when R >= N. The rows fit what the budget leaves after the working buffers
+        (R·(M_total + P) logits). With the default budget (no option, no env var) the budget is
+        at least ``min(D / KEEP_DIM_UNIT, KEEP_MAX_MULTIPLE)`` x ``feature_bytes`` (e.g. 12x at
+        D = 768): extra memory stays O(R·M + (N + M)·D), never O(N·M).
+    """
+    if rows_per >= n_rows:
+        return 0
+    budget = chunk_budget_bytes(chunk_budget_mib)
+    if not budget_is_set(chunk_budget_mib):
+        budget = max(budget, int(min(dim / KEEP_DIM_UNIT, KEEP_MAX_MULTIPLE) * feature_bytes))
+    free = budget - rows_per * (n_cols + n_pos) * itemsize
+    capacity = max(0, free) // max(1, n_cols * itemsize)
+    first = max(0, -(-(n_rows - capacity) // rows_per) * rows_per)  # first kept chunk's start
+    return max(0, n_rows - first)
+
+
 class _Layout:
     """Column layout of a chunk's logit rows: [P | K | N (anchor negatives) | N (mix3) | N (mix4)].
 
@@ -270,27 +312,43 @@ def _column_exp_(s: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torc
     return colmax, out.sum(dim=0)
 
 
-def _column_lse(rows_s, cols, lay: _Layout, rows_per: int, buf) -> torch.Tensor:
-    """Symmetric first pass: log-sum-exp over all anchors of each positive's column, (P,)."""
+def _column_lse(rows_s, mix4_s, cols, lay: _Layout, rows_per: int, buf, cache, w: float):
+    """Symmetric first pass: log-sum-exp over all anchors of each positive's column, (P,).
+
+    Rows from ``lay.n - cache.shape[0]`` on (whole chunks) get their full logit rows filled into
+    ``cache`` (kept, M_total) for the second pass; the other chunks only their positives block, in
+    ``buf``. Returns ``(clse, consts)``: consts maps a kept chunk's first row to the flat indices
+    (within its rows) of its constant logits, or None.
+    """
     clse = torch.full((lay.p,), float("-inf"), device=cols.device, dtype=cols.dtype)
+    first_kept = lay.n - (0 if cache is None else cache.shape[0])
+    consts = {}
     for r0 in range(0, lay.n, rows_per):
         r1 = min(r0 + rows_per, lay.n)
-        s = buf.view(-1)[: (r1 - r0) * lay.p].view(r1 - r0, lay.p)
-        torch.mm(rows_s[r0:r1], cols[: lay.p].T, out=s)
-        colmax, colsum = _column_exp_(s, out=s)
+        scratch = buf.view(-1)[: (r1 - r0) * lay.p].view(r1 - r0, lay.p)
+        if r0 >= first_kept:
+            rows = cache[r0 - first_kept: r1 - first_kept]
+            consts[r0] = _fill_logits(rows, rows_s, mix4_s, cols, lay, r0, r1, w)
+            s = rows[:, : lay.p]  # no constant entries in the positives block
+        else:
+            s = scratch
+            torch.mm(rows_s[r0:r1], cols[: lay.p].T, out=s)
+        colmax, colsum = _column_exp_(s, out=scratch)
         clse = torch.logaddexp(clse, colmax + colsum.log())
-    return clse
+    return clse, consts
 
 
 def _scalar_pass(anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric,
-                 reduction_sum, rows_per, need):
+                 reduction_sum, rows_per, cache_rows, need):
     """Loss and (when ``need`` asks) the unscaled gradients of the scalar-reduction path.
 
     Args:
         anchors (N, D), positives (P, D), negatives (K, D) or None, mix3/mix4 (N, D) or None:
         unit-norm features in the compute dtype (detached). tau: 0-dim tensor. labels: (N,) int64.
         w: hard-negative weight; anchor_negatives, symmetric: options; reduction_sum: "sum" (else
-        "mean"); rows_per: R; need: (anchors, positives, negatives, tau) booleans.
+        "mean"); rows_per: R; cache_rows: trailing rows whose logits the symmetric first pass
+        keeps (:func:`symmetric_cache_rows`; 0 for none); need: (anchors, positives, negatives,
+        tau) booleans.
 
     Returns:
         (loss (0-dim), grads dict or None). grads holds ``dA`` (N, D), ``dC`` (mg, D) (columns
@@ -310,11 +368,16 @@ def _scalar_pass(anchors, positives, negatives, mix3, mix4, tau, labels, w, anch
     need_a, need_p, need_n, need_tau = need
     any_grad = any(need)
     buf_all = torch.empty(rows_per * lay.m, device=dev, dtype=dt)
-    clse = cshift = log_counts = None
+    clse = cshift = log_counts = cache = None
+    kept_consts = {}
     one_chunk = rows_per >= n  # symmetric: the column LSEs come from the chunk itself, no first pass
+    first_kept = n
     if symmetric:
         if not one_chunk:
-            clse = _column_lse(rows_s, cols, lay, rows_per, buf_all)
+            if cache_rows > 0:
+                first_kept = n - cache_rows
+                cache = torch.empty(cache_rows, lay.m, device=dev, dtype=dt)
+            clse, kept_consts = _column_lse(rows_s, mix4_s, cols, lay, rows_per, buf_all, cache, w)
         counts = torch.zeros(n_pos, device=dev, dtype=dt).index_add_(
             0, labels, torch.ones(n, device=dev, dtype=dt))
         log_counts = torch.log(counts)  # -inf where no row targets the column: no column term
@@ -334,8 +397,12 @@ def _scalar_pass(anchors, positives, negatives, mix3, mix4, tau, labels, w, anch
     for r0 in range(0, n, rows_per):
         r1 = min(r0 + rows_per, n)
         r = r1 - r0
-        buf = buf_all[: r * lay.m].view(r, lay.m)
-        const = _fill_logits(buf, rows_s, mix4_s, cols, lay, r0, r1, w)
+        if r0 >= first_kept:  # logits kept by the symmetric first pass
+            buf = cache[r0 - first_kept: r1 - first_kept]
+            const = kept_consts[r0]
+        else:
+            buf = buf_all[: r * lay.m].view(r, lay.m)
+            const = _fill_logits(buf, rows_s, mix4_s, cols, lay, r0, r1, w)
         tcol = tbuf[: r * n_pos].view(r, n_pos) if symmetric and any_grad else None
         if symmetric and one_chunk:
             # the column terms count_j exp(s_ij - clse_j) from exp(s - colmax): no separate LSE pass
@@ -395,15 +462,16 @@ class RowChunkedInfoNCEFunction(torch.autograd.Function):
 
     Inputs: anchors (N, D), positives (P, D), negatives (K, D) or None, mix3/mix4 (N, D) or None
     (detached), tau 0-dim, labels (N,) int64, then w, anchor_negatives, symmetric, reduction_sum,
-    rows_per (R) and need (which of anchors, positives, negatives, tau need a gradient).
+    rows_per (R), cache_rows (symmetric first-pass rows kept) and need (which of anchors,
+    positives, negatives, tau need a gradient).
     Output: the 0-dim loss in the features' dtype.
     """
 
     @staticmethod
     def forward(ctx, anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric,
-                reduction_sum, rows_per, need):
+                reduction_sum, rows_per, cache_rows, need):
         loss, grads = _scalar_pass(anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives,
-                                   symmetric, reduction_sum, rows_per, need)
+                                   symmetric, reduction_sum, rows_per, cache_rows, need)
         n_pos, n_neg = positives.shape[0], 0 if negatives is None else negatives.shape[0]
         need_a, need_p, need_n, need_tau = need
         factor = grads["scale"] / tau
@@ -431,7 +499,7 @@ class RowChunkedInfoNCEFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         saved = [x if present else None for x, present in zip(ctx.saved_tensors, ctx.present)]
         d_a, d_p, d_n, d_tau = (None if x is None else x * grad_loss.to(x.dtype) for x in saved)
-        return d_a, d_p, d_n, None, None, d_tau, None, None, None, None, None, None, None
+        return d_a, d_p, d_n, None, None, d_tau, None, None, None, None, None, None, None, None
 
 
 def chunked_scalar_loss(
@@ -443,6 +511,7 @@ def chunked_scalar_loss(
     reduction: str,
     chunk_budget_mib: float | None = None,
     rows_per: int | None = None,
+    cache_rows: int | None = None,
 ) -> torch.Tensor:
     """The reduced (``"mean"``/``"sum"``) loss, 0-dim in the compute dtype, on the row-chunked path.
 
@@ -453,6 +522,8 @@ def chunked_scalar_loss(
         reduction: "mean" or "sum".
         chunk_budget_mib: budget of the (R, M) chunk (None: env var or 256 MiB).
         rows_per: R, overriding the budget (tests).
+        cache_rows: rows the symmetric first pass keeps, overriding :func:`symmetric_cache_rows`
+            (tests; a multiple of R counted from the last row, or N).
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"chunked_scalar_loss needs reduction 'mean' or 'sum', got {reduction!r}")
@@ -463,6 +534,11 @@ def chunked_scalar_loss(
     if rows_per is None:
         rows_per = scalar_rows_per_chunk(n, lay.m, n_pos, symmetric, a.element_size(), a.device.type,
                                          chunk_budget_mib)
+    if cache_rows is None:
+        operands = [t for t in (a, p, neg, feats.mix3, feats.mix4) if t is not None]
+        feature_bytes = sum(t.numel() * t.element_size() for t in operands)
+        cache_rows = symmetric_cache_rows(n, lay.m, n_pos, rows_per, a.element_size(), a.shape[1],
+                                          feature_bytes, chunk_budget_mib) if symmetric else 0
     grad_on = torch.is_grad_enabled()
     need = tuple(bool(grad_on and t is not None and t.requires_grad) for t in (a, p, neg, tau))
     labels = labels.to(torch.int64)
@@ -470,7 +546,7 @@ def chunked_scalar_loss(
     if not any(need):
         with torch.no_grad():
             loss, _ = _scalar_pass(a, p, neg, feats.mix3, feats.mix4, tau, labels, w, anchor_negatives,
-                                   symmetric, reduction == "sum", rows_per, need)
+                                   symmetric, reduction == "sum", rows_per, cache_rows, need)
         return loss
     return RowChunkedInfoNCEFunction.apply(a, p, neg, feats.mix3, feats.mix4, tau, labels, w, anchor_negatives,
-                                           symmetric, reduction == "sum", rows_per, need)
+                                           symmetric, reduction == "sum", rows_per, cache_rows, need)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..options import InfoNCEOptions
 from ..reference import NORM_EPS, mixed_features
+from .normalize import unit_rows
 
 
 @dataclass
@@ -63,9 +64,9 @@ def normalized_features(
         mix3 = F.normalize(mixed_features(p, options.mix_lambda), dim=-1, eps=NORM_EPS)
         mix4 = F.normalize(mixed_features(a, options.mix_lambda), dim=-1, eps=NORM_EPS)
     return NormalizedFeatures(
-        anchors=F.normalize(a, dim=-1, eps=NORM_EPS),
-        positives=F.normalize(p, dim=-1, eps=NORM_EPS),
-        negatives=None if negatives is None else F.normalize(negatives.to(dt), dim=-1, eps=NORM_EPS),
+        anchors=unit_rows(a, NORM_EPS),
+        positives=unit_rows(p, NORM_EPS),
+        negatives=None if negatives is None else unit_rows(negatives.to(dt), NORM_EPS),
         mix3=mix3,
         mix4=mix4,
         tau=temperature_tensor(options, anchors.device, dt),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The committed CPU results (benchmarks/results/cpu/): each (D, N) group in its own fresh process,
 # fp32 forward+backward, 1 torch thread, the load average sampled every 30 s into load.log.
-# Usage: bash benchmarks/run_cpu_suite.sh [OUT_DIR] [STAGES]   (STAGES: comma list of 1..6, default 1,2,3,4,5)
+# Usage: bash benchmarks/run_cpu_suite.sh [OUT_DIR] [STAGES]   (STAGES: comma list of 1..5, default all)
 set -u
 OUT=${1:-benchmarks/results/cpu}
 STAGES=${2:-1,2,3,4,5}
@@ -33,13 +33,11 @@ stage 4 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 16384 --dim 76
 stage 5 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 16384 --dim 256 --modes sup,mixcse \
     --providers naive,compile,torch --input-sets 1 --repeats 1 --warmup 1 --case-seconds 300 \
     --cpu-mem-cap-gb 20 --label "$LABEL" --out "$RUNS/d256_n16384_sup_mixcse" --time-budget 2400
-stage 5 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 16384 --dim 768 --modes sup,mixcse,symmetric \
+stage 5 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 16384 --dim 768 --modes sup,mixcse \
     --providers naive,compile,torch --input-sets 1 --repeats 1 --warmup 1 --case-seconds 400 \
-    --cpu-mem-cap-gb 20 --no-memory --label "$LABEL" --out "$RUNS/d768_n16384_sup_mixcse_sym" --time-budget 3000
-# 6 (not in the default stages; outside runs/, so the merged table keeps the default budget): symmetric at
-#   D = 768, N = 16384 with a budget that holds one chunk (3 GEMM-equivalents instead of 4)
-stage 6 && SIMCSE_KERNELS_CHUNK_MIB=2048 python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 16384 --dim 768 \
-    --modes symmetric --providers naive,compile,torch --input-sets 1 --repeats 1 --warmup 1 --case-seconds 400 \
-    --cpu-mem-cap-gb 20 --no-memory --label "$LABEL, SIMCSE_KERNELS_CHUNK_MIB=2048" \
-    --out "$OUT/extra/sym_d768_n16384_budget2048" --time-budget 1200
+    --cpu-mem-cap-gb 20 --no-memory --label "$LABEL" --out "$RUNS/d768_n16384_sup_mixcse" --time-budget 3000
+# symmetric at D = 768 with memory: ours keeps first-pass logit rows there (the default budget grows with D)
+stage 5 && python benchmarks/bench_loss.py "${COMMON[@]}" --sizes 16384 --dim 768 --modes symmetric \
+    --providers naive,compile,torch --input-sets 1 --repeats 2 --warmup 1 --case-seconds 400 \
+    --cpu-mem-cap-gb 20 --label "$LABEL" --out "$RUNS/d768_n16384_symmetric" --time-budget 1500
 python benchmarks/merge_runs.py "$RUNS"/*/bench_loss.json --out "$OUT"

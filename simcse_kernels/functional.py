@@ -49,7 +49,8 @@ def fused_info_nce(
         backend: "auto" | "naive" | "torch" | "triton" | "cuda".
         check_inputs: check NaN/inf and label range (costs one device sync).
         chunk_budget_mib: memory budget (MiB) of the (R, M) gradient chunk; None: the
-            environment variable ``SIMCSE_KERNELS_CHUNK_MIB``, else 256.
+            environment variable ``SIMCSE_KERNELS_CHUNK_MIB``, else 256 (the ``"torch"``
+            symmetric loss: at least min(D/64, 16) x the feature bytes, for kept logit rows).
 
     Returns:
         The loss in float32 (float64 for float64 inputs); shape () or (N,) for "none".

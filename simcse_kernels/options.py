@@ -36,7 +36,10 @@ class InfoNCEOptions:
             tight loops once the pipeline is known to be sane.
         chunk_budget_mib: memory budget (MiB) of the (R, M) gradient chunk of the row-chunked
             gradient paths (``"torch"`` and the fused backends); ``None``: the environment
-            variable ``SIMCSE_KERNELS_CHUNK_MIB``, else 256. Extra memory is O(R·M + (N + M)·D).
+            variable ``SIMCSE_KERNELS_CHUNK_MIB``, else 256 (the ``"torch"`` backend's symmetric
+            loss: at least min(D/64, 16) x the feature bytes, room for first-pass logit rows it
+            keeps; :func:`simcse_kernels.ops.chunked.symmetric_cache_rows`). Extra memory is
+            O(R·M + (N + M)·D).
     """
 
     temperature: Temperature = 0.05

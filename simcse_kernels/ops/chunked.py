@@ -511,7 +511,6 @@ def chunked_scalar_loss(
     reduction: str,
     chunk_budget_mib: float | None = None,
     rows_per: int | None = None,
-    cache_rows: int | None = None,
 ) -> torch.Tensor:
     """The reduced (``"mean"``/``"sum"``) loss, 0-dim in the compute dtype, on the row-chunked path.
 
@@ -522,8 +521,6 @@ def chunked_scalar_loss(
         reduction: "mean" or "sum".
         chunk_budget_mib: budget of the (R, M) chunk (None: env var or 256 MiB).
         rows_per: R, overriding the budget (tests).
-        cache_rows: rows the symmetric first pass keeps, overriding :func:`symmetric_cache_rows`
-            (tests; a multiple of R counted from the last row, or N).
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"chunked_scalar_loss needs reduction 'mean' or 'sum', got {reduction!r}")
@@ -534,11 +531,12 @@ def chunked_scalar_loss(
     if rows_per is None:
         rows_per = scalar_rows_per_chunk(n, lay.m, n_pos, symmetric, a.element_size(), a.device.type,
                                          chunk_budget_mib)
-    if cache_rows is None:
+    cache_rows = 0
+    if symmetric:
         operands = [t for t in (a, p, neg, feats.mix3, feats.mix4) if t is not None]
         feature_bytes = sum(t.numel() * t.element_size() for t in operands)
         cache_rows = symmetric_cache_rows(n, lay.m, n_pos, rows_per, a.element_size(), a.shape[1],
-                                          feature_bytes, chunk_budget_mib) if symmetric else 0
+                                          feature_bytes, chunk_budget_mib)
     grad_on = torch.is_grad_enabled()
     need = tuple(bool(grad_on and t is not None and t.requires_grad) for t in (a, p, neg, tau))
     labels = labels.to(torch.int64)

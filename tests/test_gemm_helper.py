@@ -1,4 +1,5 @@
-"""The shared gradient GEMM of the fused backends' default backward (simcse_kernels/ops/gemm.py).
+"""The shared gradient GEMM of the fused backends' default backward (simcse_kernels/ops/gemm.py),
+and the choice between it and the atomic backward.
 
 On CPU the 16-bit operands are upcast; the CUDA call form (``torch.mm``/``torch.addmm`` with
 ``out_dtype=torch.float32`` into a row slice of an fp32 buffer, transposed operand views) has no
@@ -52,3 +53,18 @@ def test_cuda_call_form_on_meta(dtype, accumulate):
         accumulate_gemm(grad_cols, ds.T, rows, accumulate=True)  # ∂cols += dsᵀ @ rows[chunk]
         accumulate_gemm(grad_cols[:100], ds[:, 200:].T, rows, accumulate)  # a column block of ds
     assert grad_rows.dtype == grad_cols.dtype == torch.float32
+
+
+@pytest.mark.parametrize(("module", "env_var"), [("triton_loss", "SIMCSE_TRITON_BWD"), ("cuda_loss", "SIMCSE_CUDA_BWD")])
+def test_backward_mode_from_env(module, env_var, monkeypatch):
+    """Both fused backends read their backward from their own variable: chunked unless "atomic"."""
+    import importlib
+
+    backward_mode = importlib.import_module(f"simcse_kernels.ops.{module}").backward_mode
+    monkeypatch.delenv(env_var, raising=False)
+    assert backward_mode() == "chunked"
+    monkeypatch.setenv(env_var, "atomic")
+    assert backward_mode() == "atomic"
+    monkeypatch.setenv(env_var, "Atomic")
+    with pytest.raises(ValueError, match=rf"{env_var} must be 'chunked' or 'atomic', got 'Atomic'"):
+        backward_mode()

@@ -70,7 +70,6 @@ SIMCSE_KERNELS_CUDA_ARCHS). :func:`unavailable_reason` says why the backend cann
 
 import functools
 import importlib
-import os
 
 import torch
 
@@ -79,7 +78,7 @@ from ..options import InfoNCEOptions
 from ..reference import mixed_features, reduce_loss
 from .budget import chunk_budget_bytes, rows_per_chunk
 from .features import logit_blocks, temperature_tensor
-from .gemm import accumulate_gemm, ds_storage_dtype
+from .gemm import accumulate_gemm, backward_mode_from_env, ds_storage_dtype
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -263,10 +262,7 @@ def _cuda_info_nce_forward_fake(anchors, positives, negatives, mix3, mix4, tau, 
 
 def backward_mode() -> str:
     """``"chunked"`` (default: deterministic, 4 GEMM-equivalents) or ``"atomic"`` (``SIMCSE_CUDA_BWD=atomic``)."""
-    mode = os.environ.get(BACKWARD_ENV, "chunked")
-    if mode not in ("chunked", "atomic"):
-        raise ValueError(f"{BACKWARD_ENV} must be 'chunked' or 'atomic', got {mode!r}")
-    return mode
+    return backward_mode_from_env(BACKWARD_ENV)
 
 
 def backward_rows_per_chunk(n_rows: int, n_cols: int, storage: torch.dtype, chunk_budget_mib: float | None) -> int:

@@ -3,14 +3,26 @@
 Both fused backends (``"triton"``, ``"cuda"``) write ``∂L/∂s`` of R anchor rows at a time, with the
 inverse norms folded in, into an (R, M) buffer of a *storage dtype*, then form the gradients with
 two torch GEMMs on the raw features (fp32 accumulation). This module holds the shared pieces:
-the storage dtype rule and the GEMM with fp32 (fp64) accumulation on CUDA and CPU.
+the choice of that backward over the one-pass atomic one, the storage dtype rule and the GEMM with
+fp32 (fp64) accumulation on CUDA and CPU.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-__all__ = ["accumulate_gemm", "ds_storage_dtype"]
+__all__ = ["accumulate_gemm", "backward_mode_from_env", "ds_storage_dtype"]
+
+
+def backward_mode_from_env(env_var: str) -> str:
+    """``"chunked"`` (default: row chunks of ``∂L/∂s`` and two GEMMs, deterministic) or ``"atomic"``
+    (the one-pass backward with fp32 atomics), from the environment variable ``env_var``."""
+    mode = os.environ.get(env_var, "chunked")
+    if mode not in ("chunked", "atomic"):
+        raise ValueError(f"{env_var} must be 'chunked' or 'atomic', got {mode!r}")
+    return mode
 
 
 def ds_storage_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -134,7 +134,7 @@ import torch
 from ..reference import mixed_features, reduce_loss
 from .budget import chunk_budget_bytes, rows_per_chunk
 from .features import compute_dtype_for, temperature_tensor
-from .gemm import accumulate_gemm, ds_storage_dtype
+from .gemm import accumulate_gemm, backward_mode_from_env, ds_storage_dtype
 
 try:  # triton is an optional dependency
     import triton
@@ -454,10 +454,7 @@ def _backward_impl(grad_rows, anchors, positives, negatives, mix3, mix4, tau, la
 def backward_mode() -> str:
     """``"chunked"`` (default: ≤ 4 GEMM-equivalents, deterministic) or ``"atomic"``
     (``SIMCSE_TRITON_BWD=atomic``)."""
-    mode = os.environ.get("SIMCSE_TRITON_BWD", "chunked")
-    if mode not in ("chunked", "atomic"):
-        raise ValueError(f"SIMCSE_TRITON_BWD must be 'chunked' or 'atomic', got {mode!r}")
-    return mode
+    return backward_mode_from_env("SIMCSE_TRITON_BWD")
 
 
 def _backward_chunked(g, cw, clse, anchors, positives, negatives, labels, lse, ptrs, prec, cdt, n, n_pos, k,

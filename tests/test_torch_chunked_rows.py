@@ -313,9 +313,10 @@ def test_symmetric_kept_rows_gemm_equivalents(kept, monkeypatch):
                                      symmetric=True)
 
 
-def test_symmetric_cache_rows_budget():
+def test_symmetric_cache_rows_budget(monkeypatch):
     """Kept rows: whole trailing chunks within what the budget leaves after R·(M + P) working
     logits; with the default budget room for min(D/64, 16) x the feature bytes (12x at D = 768)."""
+    monkeypatch.delenv(ENV_VAR, raising=False)
     n = m = 16384
     feature_bytes = lambda d: 2 * n * d * 4  # noqa: E731
     # D = 768: 12 x 96 MiB = 1152 MiB >= 64 MiB working + 1 GiB of logits: every row is kept

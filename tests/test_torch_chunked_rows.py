@@ -271,9 +271,8 @@ def test_cuda_backend_float64_fallback_uses_the_torch_paths(reduction):
 
 
 def kept_rows_budget_mib(n, k, opts, rows_per, kept):
-    """A budget (MiB) whose room after R working rows holds ``kept`` fp32 logit rows."""
-    m = logit_columns(n, k, opts)
-    return (rows_per * (m + n) + kept * m) * 4 / 2**20
+    """A symmetric budget (MiB) whose room after R working rows holds ``kept`` fp32 logit rows."""
+    return budget_mib_for_rows(n, k, opts, rows_per) + kept * logit_columns(n, k, opts) * 4 / 2**20
 
 
 @pytest.mark.parametrize("option_set", ["symmetric", "sym_hard_neg", "sym_anchor_mix", "everything"])

@@ -147,19 +147,15 @@ def _meta_row_plan(device_type: str | None) -> Iterator[None]:
         return
     from ..ops import chunked
 
-    had, old = "meta" in chunked.MAX_ROWS, chunked.MAX_ROWS.get("meta")
-    cap = chunked.MAX_ROWS.get(device_type)
-    if cap is None:
-        chunked.MAX_ROWS.pop("meta", None)
-    else:
-        chunked.MAX_ROWS["meta"] = cap
+    saved = dict(chunked.MAX_ROWS)
+    chunked.MAX_ROWS.pop("meta", None)
+    if device_type in saved:
+        chunked.MAX_ROWS["meta"] = saved[device_type]
     try:
         yield
     finally:
-        if had:
-            chunked.MAX_ROWS["meta"] = old
-        else:
-            chunked.MAX_ROWS.pop("meta", None)
+        chunked.MAX_ROWS.clear()
+        chunked.MAX_ROWS.update(saved)
 
 
 def count_flops(backend: str, mode: str, n: int, d: int, dtype: torch.dtype = torch.float32,

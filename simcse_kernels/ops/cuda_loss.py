@@ -269,8 +269,7 @@ def backward_rows_per_chunk(n_rows: int, n_cols: int, storage: torch.dtype, chun
     """Rows R of one (R, n_cols) ds chunk of the default backward: within the budget (option, else
     ``$SIMCSE_KERNELS_CHUNK_MIB``, else 256 MiB), a multiple of the 64-row tile (at least one tile),
     at most ``n_rows`` and :data:`MAX_CHUNK_ROWS`."""
-    elem = torch.empty((), dtype=storage).element_size()
-    rows = rows_per_chunk(n_rows, n_cols, elem, chunk_budget_bytes(chunk_budget_mib), multiple=TILE)
+    rows = rows_per_chunk(n_rows, n_cols, storage.itemsize, chunk_budget_bytes(chunk_budget_mib), multiple=TILE)
     return min(rows, MAX_CHUNK_ROWS)
 
 
@@ -279,6 +278,15 @@ def _target_col_offset(rows: str, cols: str, n_pos: int) -> int:
     if rows != "anchors":
         return -1
     return {"positives": 0, "negatives": n_pos}.get(cols, -1)
+
+
+def _zero_grad_buffers(t: dict) -> tuple[dict, torch.Tensor]:
+    """float32 gradient accumulators of anchors, positives and negatives (if any), and a 0-dim
+    float64 accumulator of sum dS·cos, on the anchors' device (both backwards)."""
+    dev = t["anchors"].device
+    grads = {name: torch.zeros(t[name].shape, device=dev, dtype=torch.float32)
+             for name in ("anchors", "positives", "negatives") if t[name] is not None}
+    return grads, torch.zeros((), device=dev, dtype=torch.float64)
 
 
 def _backward_chunked(launch, tau, labels, lse, col_lse, row_weight, col_weight, g, w, anchor_negatives, symmetric,
@@ -309,12 +317,10 @@ def _backward_chunked(launch, tau, labels, lse, col_lse, row_weight, col_weight,
             raw_cache[name] = x if x.dtype == storage else x.to(storage)
         return raw_cache[name]
 
-    grads = {name: torch.zeros(t[name].shape, device=dev, dtype=torch.float32)
-             for name in ("anchors", "positives", "negatives") if t[name] is not None}
+    grads, dtau_acc = _zero_grad_buffers(t)
     rows_cap = backward_rows_per_chunk(n, m_total, storage, chunk_budget_mib)
     ds_buf = torch.empty((min(rows_cap, n), m_total), device=dev, dtype=storage)
     part_buf = torch.empty((min(rows_cap, n), n_tiles), device=dev, dtype=torch.float32)
-    dtau_acc = torch.zeros((), device=dev, dtype=torch.float64)
     for r0 in range(0, n, rows_cap):
         r1 = min(n, r0 + rows_cap)
         ds, part = ds_buf[: r1 - r0], part_buf[: r1 - r0]
@@ -342,10 +348,7 @@ def _backward_chunked(launch, tau, labels, lse, col_lse, row_weight, col_weight,
 def _backward_atomic(launch, tau, labels, lse, col_lse, row_weight, col_weight, g, w, anchor_negatives, symmetric):
     """The ``SIMCSE_CUDA_BWD=atomic`` backward: block_backward + target_backward (float atomics)."""
     ext, dim, t = launch.ext, launch.dim, launch.tensors
-    anchors = t["anchors"]
-    grads = {name: torch.zeros(t[name].shape, device=anchors.device, dtype=torch.float32)
-             for name in ("anchors", "positives", "negatives") if t[name] is not None}
-    dtau_acc = torch.zeros((), device=anchors.device, dtype=torch.float64)
+    grads, dtau_acc = _zero_grad_buffers(t)
     ptr = lambda x: 0 if x is None else x.data_ptr()
     for rows, cols, pattern in logit_blocks(t["negatives"] is not None, anchor_negatives, t["mix3"] is not None):
         column_softmax = symmetric and (rows, cols) == ("anchors", "positives")

@@ -503,7 +503,7 @@ def _backward_chunked(g, cw, clse, anchors, positives, negatives, labels, lse, p
 
     cfg = block_config("dlogits", d, anchors.dtype)
     budget = chunk_budget_bytes(chunk_budget_mib)
-    elem = torch.empty((), dtype=gdt).element_size()
+    elem = gdt.itemsize
     dtau_sum = torch.zeros((), device=dev, dtype=cdt) if need_dtau else None
     r0 = 0
     ds_buf = None

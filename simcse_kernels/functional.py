@@ -28,6 +28,9 @@ def fused_info_nce(
     backend: str = "auto",
     check_inputs: bool = True,
     chunk_budget_mib: float | None = None,
+    margin: float = 0.0,
+    angular_margin: float = 0.0,
+    similarity: str = "cosine",
 ) -> torch.Tensor:
     """InfoNCE over cosine similarities, without materializing the N x M matrix.
 
@@ -51,6 +54,11 @@ def fused_info_nce(
         chunk_budget_mib: memory budget (MiB) of the (R, M) gradient chunk; None: the
             environment variable ``SIMCSE_KERNELS_CHUNK_MIB``, else 256 (the ``"torch"``
             symmetric loss: at least min(D/64, 16) x the feature bytes, for kept logit rows).
+        margin: additive cosine margin m >= 0 on each target logit, ``(cos - m)/tau``
+            (AM-softmax, CosFace, LaBSE).
+        angular_margin: angular margin in radians, [0, pi), on each target: ``cos(theta + m)``
+            (ArcFace, ArcCSE); combines with ``margin``.
+        similarity: "cosine" (default) or "dot" (raw dot products ``a_i·c_j / tau``).
 
     Returns:
         The loss in float32 (float64 for float64 inputs); shape () or (N,) for "none".
@@ -66,6 +74,9 @@ def fused_info_nce(
         backend=backend,
         check_inputs=check_inputs,
         chunk_budget_mib=chunk_budget_mib,
+        margin=margin,
+        angular_margin=angular_margin,
+        similarity=similarity,
     )
     return info_nce_with_options(anchors, positives, negatives, labels, options)
 
@@ -89,6 +100,12 @@ def info_nce_with_options(
     backend = resolve_backend(options.backend, anchors.device, _n_logits(anchors, positives, negatives, options))
     if backend == "naive":
         return reference_loss(anchors, positives, negatives, labels, options)
+    if options.has_margin or options.similarity != "cosine":
+        # TODO(issue 21): margins / dot similarity in the torch, triton and cuda backends
+        if options.backend == "auto":
+            return reference_loss(anchors, positives, negatives, labels, options)
+        raise NotImplementedError(f"margin, angular_margin and similarity='dot' are not yet implemented in "
+                                  f"backend {backend!r}; use backend='naive'")
     if backend in ("triton", "cuda"):  # first use of this option set: compare with "torch" (selfcheck.py)
         backend = checked_backend(backend, options.backend != "auto", anchors, positives, negatives, labels,
                                   options)

@@ -34,6 +34,9 @@ class FusedInfoNCE(nn.Module):
         check_inputs: bool = True,
         learnable_temperature: bool = False,
         chunk_budget_mib: float | None = None,
+        margin: float = 0.0,
+        angular_margin: float = 0.0,
+        similarity: str = "cosine",
     ) -> None:
         super().__init__()
         # Validate every option once, here, with the same messages as the functional API.
@@ -47,6 +50,9 @@ class FusedInfoNCE(nn.Module):
             backend=backend,
             check_inputs=check_inputs,
             chunk_budget_mib=chunk_budget_mib,
+            margin=margin,
+            angular_margin=angular_margin,
+            similarity=similarity,
         )
         self.log_temperature: nn.Parameter | None = None
         if learnable_temperature:
@@ -77,5 +83,6 @@ class FusedInfoNCE(nn.Module):
         return (
             f"temperature={tau}, hard_negative_weight={o.hard_negative_weight}, symmetric={o.symmetric}, "
             f"anchor_negatives={o.anchor_negatives}, mix_lambda={o.mix_lambda}, reduction={o.reduction!r}, "
-            f"backend={o.backend!r}"
+            f"backend={o.backend!r}, margin={o.margin}, angular_margin={o.angular_margin}, "
+            f"similarity={o.similarity!r}"
         )

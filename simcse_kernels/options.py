@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 REDUCTIONS = ("mean", "sum", "none")
+SIMILARITIES = ("cosine", "dot")
 BACKENDS = ("auto", "naive", "torch", "triton", "cuda")
 
 Temperature = float | torch.Tensor
@@ -34,6 +35,14 @@ class InfoNCEOptions:
         backend: ``"auto"``, ``"naive"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
         check_inputs: scan inputs for NaN/inf and labels for range (one device sync). Turn off in
             tight loops once the pipeline is known to be sane.
+        margin: additive cosine margin m >= 0 on each row's target logit (AM-softmax, CosFace,
+            LaBSE): the target logit becomes ``(cos - m) / tau`` (``(a·c - m) / tau`` with
+            ``similarity="dot"``).
+        angular_margin: additive angular margin m_a in [0, pi) radians on each row's target
+            (ArcFace, ArcCSE): the target cosine becomes ``cos(theta + m_a)`` (monotonic fallback
+            ``cos - m_a·sin(m_a)`` where ``theta > pi - m_a``); combines with ``margin``.
+        similarity: ``"cosine"`` (normalized rows) or ``"dot"`` (raw dot products, no
+            normalization; ``angular_margin`` and ``mix_lambda`` are undefined there).
         chunk_budget_mib: memory budget (MiB) of the (R, M) gradient chunk of the row-chunked
             gradient paths (``"torch"`` and the fused backends); ``None``: the environment
             variable ``SIMCSE_KERNELS_CHUNK_MIB``, else 256 (the ``"torch"`` backend's symmetric
@@ -51,6 +60,14 @@ class InfoNCEOptions:
     backend: str = "auto"
     check_inputs: bool = True
     chunk_budget_mib: float | None = None
+    margin: float = 0.0
+    angular_margin: float = 0.0
+    similarity: str = "cosine"
+
+    @property
+    def has_margin(self) -> bool:
+        """Whether any margin modifies the target logits."""
+        return self.margin != 0.0 or self.angular_margin != 0.0
 
     def __post_init__(self) -> None:
         check_temperature_value(self.temperature)
@@ -69,6 +86,20 @@ class InfoNCEOptions:
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
                                    or not math.isfinite(budget) or budget <= 0):
             raise ValueError(f"chunk_budget_mib must be a positive number of MiB or None, got {budget!r}")
+        m = self.margin
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0:
+            raise ValueError(f"margin must be a finite number >= 0 (an additive cosine margin), got {m!r}")
+        ma = self.angular_margin
+        if isinstance(ma, bool) or not isinstance(ma, (int, float)) or not (0.0 <= ma < math.pi):
+            raise ValueError(f"angular_margin must be a number of radians in [0, pi), got {ma!r}")
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+        if self.similarity == "dot" and ma != 0.0:
+            raise ValueError("angular_margin needs similarity='cosine': an angle is defined between "
+                             "normalized rows, not for raw dot products")
+        if self.similarity == "dot" and self.mix_lambda is not None:
+            raise ValueError("mix_lambda (MixCSE) needs similarity='cosine': its mixtures are compared by "
+                             "cosine, as in MixCSE")
         for name in ("symmetric", "anchor_negatives", "check_inputs"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -29,6 +29,24 @@ Blocks of row ``i`` (each column a logit; the row's loss is a cross-entropy over
 
    Mixing happens on the raw (un-normalized) embeddings, then the cosine is taken, as there.
 
+Margins and similarity (``margin`` m, ``angular_margin`` m_a, ``similarity``)
+---------------------------------------------------------------------------
+Only the target entry ``(i, l_i)`` of each row changes. With ``c = â_i·ĉ_{l_i}`` its cosine, the
+target logit is ``(f(c) − m) / tau`` (+ the entry's constant, e.g. ``w`` when the target is the
+paired hard negative), where ``f(c) = c`` without an angular margin, and with one (ArcFace,
+ArcCSE; as pytorch-metric-learning's ArcFaceLoss and InsightFace)::
+
+    c' = clamp(c, −1 + 1e−7, 1 − 1e−7),  θ = acos(c')
+    f(c) = cos(θ + m_a)            if θ <= π − m_a
+           c' − m_a·sin(m_a)       otherwise (keeps the logit monotonic in c)
+
+``f'(c) = cos(m_a) + sin(m_a)·c'/sqrt(1 − c'²)`` on the first branch and 1 on the second, times
+0 where the clamp is active (finite at c ≈ 1: at most ~2.2e3·sin(m_a)). ``similarity="dot"``
+uses raw dot products ``a_i·c_j`` (no normalization) in every block; ``m`` still applies, ``m_a``
+and MixCSE do not exist there. With ``symmetric=True`` the column direction reads the same
+modified matrix, so a margin on entry (i, l_i) also acts on column l_i's target (bidirectional
+AM-softmax, LaBSE).
+
 Row loss ``ℓ_i = logsumexp_j s_ij − s_{i,l_i}``.
 
 ``symmetric=True`` (sentence-transformers' symmetric MNRL): with ``S`` the positives block,
@@ -43,11 +61,15 @@ Gradient (used by every fused backend; see :mod:`simcse_kernels.ops.chunked`)
 With ``g_i = ∂L/∂ℓ_i`` and ``σ_ij = exp(s_ij − lse_i)``, ``∂L/∂s_ij = g_i (σ_ij − [j = l_i])``
 (×½ on the softmax part when symmetric, plus ``G_j exp(S_kj − clse_j)`` on the positives block,
 ``G_j = ½ Σ_{i: l_i = j} g_i``). A logit ``s = x̂·ŷ/tau`` passes ``dS·ŷ/tau`` to x̂, ``dS·x̂/tau``
-to ŷ and ``−dS·s_cos/tau²`` to tau; constant (masked) logits pass nothing. The normalization
-backward is ``∂x = (∂x̂ − x̂ (x̂·∂x̂)) / max(‖x‖, eps)``.
+to ŷ and ``−dS·s_cos/tau²`` to tau; constant (masked) logits pass nothing. A margined target
+``(f(c) − m)/tau`` passes ``dS·f'(c)·ŷ/tau`` to x̂ (likewise to ŷ) and ``−dS·(f(c) − m)/tau²`` to
+tau (:func:`margin_target_grad`). The normalization backward is
+``∂x = (∂x̂ − x̂ (x̂·∂x̂)) / max(‖x‖, eps)``; ``similarity="dot"`` has no normalization.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +78,8 @@ from .options import InfoNCEOptions, Temperature
 from .validation import validate_inputs
 
 NORM_EPS = 1e-12
+#: ArcFace's clamp of the target cosine before acos (keeps f'(c) finite at c = ±1)
+ARC_COS_CLAMP = 1e-7
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -68,46 +92,78 @@ def mixed_features(x: torch.Tensor, mix_lambda: float) -> torch.Tensor:
     return mix_lambda * x + (1.0 - mix_lambda) * torch.roll(x, shifts=-1, dims=0)
 
 
+def margin_target_logit_cos(cos: torch.Tensor, margin: float, angular_margin: float) -> torch.Tensor:
+    """``f(c) − m``: the margin-modified target similarity (before ``/ tau``; see the module docstring)."""
+    if angular_margin:
+        c = cos.clamp(-1.0 + ARC_COS_CLAMP, 1.0 - ARC_COS_CLAMP)
+        theta = torch.acos(c)
+        cos = torch.where(theta <= math.pi - angular_margin, torch.cos(theta + angular_margin),
+                          c - angular_margin * math.sin(angular_margin))
+    return cos - margin
+
+
+def margin_target_grad(cos: torch.Tensor, angular_margin: float) -> torch.Tensor:
+    """``f'(c)``: the derivative of :func:`margin_target_logit_cos` in ``c`` (the additive margin's is 1)."""
+    if not angular_margin:
+        return torch.ones_like(cos)
+    lo, hi = -1.0 + ARC_COS_CLAMP, 1.0 - ARC_COS_CLAMP
+    c = cos.clamp(lo, hi)
+    arc = math.cos(angular_margin) + math.sin(angular_margin) * c / torch.sqrt(1.0 - c * c)
+    grad = torch.where(torch.acos(c) <= math.pi - angular_margin, arc, torch.ones_like(c))
+    return torch.where((cos >= lo) & (cos <= hi), grad, torch.zeros_like(c))
+
+
+def _similarity_features(x: torch.Tensor, options: InfoNCEOptions) -> torch.Tensor:
+    return x if options.similarity == "dot" else F.normalize(x, dim=-1, eps=NORM_EPS)
+
+
 def reference_logits(
     anchors: torch.Tensor,
     positives: torch.Tensor,
-    negatives: torch.Tensor | None = None,
-    *,
-    temperature: Temperature = 0.05,
-    hard_negative_weight: float = 0.0,
-    anchor_negatives: bool = False,
-    mix_lambda: float | None = None,
+    negatives: torch.Tensor | None,
+    labels: torch.Tensor,
+    options: InfoNCEOptions,
 ) -> torch.Tensor:
     """The full (N, M_total) logit matrix, blocks in the order of the module docstring.
 
-    Columns: [positives (P) | negatives (K) | anchors (N, if anchor_negatives) | mix3 (N) | mix4 (N)].
-    Computed in float32 (float64 for float64 inputs).
+    Columns: [positives (P) | negatives (K) | anchors (N, if anchor_negatives) | mix3 (N) | mix4 (N)];
+    the target entries ``(i, labels[i])`` carry the margins. Computed in float32 (float64 for
+    float64 inputs).
     """
     dt = _compute_dtype(anchors.dtype)
-    a = F.normalize(anchors.to(dt), dim=-1, eps=NORM_EPS)
-    p = F.normalize(positives.to(dt), dim=-1, eps=NORM_EPS)
+    temperature, w = options.temperature, options.hard_negative_weight
+    a = _similarity_features(anchors.to(dt), options)
+    p = _similarity_features(positives.to(dt), options)
     tau = temperature.to(device=anchors.device, dtype=dt) if isinstance(temperature, torch.Tensor) else temperature
     n_rows = a.shape[0]
     eye = torch.eye(n_rows, device=a.device, dtype=dt)
     blocks = [a @ p.T / tau]
+    candidates = [p]
     if negatives is not None and negatives.shape[0] > 0:
-        nn_ = F.normalize(negatives.to(dt), dim=-1, eps=NORM_EPS)
+        nn_ = _similarity_features(negatives.to(dt), options)
         neg = a @ nn_.T / tau
         k = nn_.shape[0]
         diag = torch.zeros(n_rows, k, device=a.device, dtype=dt)
         m = min(n_rows, k)
-        diag[torch.arange(m), torch.arange(m)] = hard_negative_weight
+        diag[torch.arange(m), torch.arange(m)] = w
         blocks.append(neg + diag)
-    if anchor_negatives:
+        candidates.append(nn_)
+    if options.anchor_negatives:
         blocks.append((a @ a.T / tau).masked_fill(eye.bool(), float("-inf")))
-    if mix_lambda is not None:
-        mix3 = F.normalize(mixed_features(positives.to(dt), mix_lambda), dim=-1, eps=NORM_EPS)
+    if options.mix_lambda is not None:
+        lam = options.mix_lambda
+        mix3 = F.normalize(mixed_features(positives.to(dt), lam), dim=-1, eps=NORM_EPS)
         keep3 = 1.0 - torch.roll(eye, shifts=1, dims=0)  # zero at (i, i-1)
-        blocks.append(keep3 * (a @ mix3.T / tau) + hard_negative_weight * eye)
-        mix4 = F.normalize(mixed_features(anchors.to(dt), mix_lambda), dim=-1, eps=NORM_EPS)
+        blocks.append(keep3 * (a @ mix3.T / tau) + w * eye)
+        mix4 = F.normalize(mixed_features(anchors.to(dt), lam), dim=-1, eps=NORM_EPS)
         keep4 = 1.0 - torch.roll(eye, shifts=1, dims=1)  # zero at (i, i+1)
-        blocks.append(keep4 * (mix4 @ p.T / tau) + hard_negative_weight * eye)
-    return torch.cat(blocks, dim=1)
+        blocks.append(keep4 * (mix4 @ p.T / tau) + w * eye)
+    logits = torch.cat(blocks, dim=1)
+    if options.has_margin:  # target entries: (c - m)/tau -> (f(c) - m)/tau, constants kept
+        cos = (a * torch.cat(candidates)[labels]).sum(dim=1)
+        delta = (margin_target_logit_cos(cos, options.margin, options.angular_margin) - cos) / tau
+        logits = logits.scatter_add(1, labels[:, None], delta[:, None])
+    return logits
 
 
 def info_nce_reference(
@@ -123,6 +179,9 @@ def info_nce_reference(
     labels: torch.Tensor | None = None,
     reduction: str = "mean",
     check_inputs: bool = True,
+    margin: float = 0.0,
+    angular_margin: float = 0.0,
+    similarity: str = "cosine",
 ) -> torch.Tensor:
     """Naive full-matrix InfoNCE (the oracle). Same arguments as :func:`fused_info_nce`.
 
@@ -137,6 +196,9 @@ def info_nce_reference(
         reduction=reduction,
         backend="naive",
         check_inputs=check_inputs,
+        margin=margin,
+        angular_margin=angular_margin,
+        similarity=similarity,
     )
     negatives, labels = validate_inputs(anchors, positives, negatives, labels, options)
     return reference_loss(anchors, positives, negatives, labels, options)
@@ -150,15 +212,7 @@ def reference_loss(
     options: InfoNCEOptions,
 ) -> torch.Tensor:
     """The naive loss on already validated inputs (the ``"naive"`` backend)."""
-    logits = reference_logits(
-        anchors,
-        positives,
-        negatives,
-        temperature=options.temperature,
-        hard_negative_weight=options.hard_negative_weight,
-        anchor_negatives=options.anchor_negatives,
-        mix_lambda=options.mix_lambda,
-    )
+    logits = reference_logits(anchors, positives, negatives, labels, options)
     per_row = F.cross_entropy(logits, labels, reduction="none")
     if options.symmetric:
         pos = logits[:, : positives.shape[0]]

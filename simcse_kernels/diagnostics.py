@@ -39,7 +39,8 @@ import torch
 from . import __version__
 from .backends import unavailable_reason
 from .functional import fused_info_nce
-from .tolerances import compare_loss_and_grads, weighted_backward
+from .options import InfoNCEOptions
+from .tolerances import compare_loss_and_grads, temperature_grad_floor, weighted_backward
 
 BACKENDS = ("naive", "torch", "triton", "cuda")
 #: the parity modes: loss options; "k": "n" adds N hard negatives, "learnable": a tau tensor with grad
@@ -208,6 +209,8 @@ def parity_rows(device: torch.device, backends: list[str], dtypes: list[str], mo
                      if learnable else TEMPERATURE)
             to64 = [None if t is None else t.double() for t in tensors]
             expected = _loss_and_grads("naive", to64, tau64, opts)
+            tau_floor_value = (temperature_grad_floor(*to64, None, InfoNCEOptions(temperature=TEMPERATURE, **opts))
+                        if learnable else None)
             for backend in backends:
                 row = dict(backend=backend, mode=mode, dtype=dtype_name, n=n, d=d, k=k)
                 reason = _skip_reason(backend, dtype, device)
@@ -222,7 +225,7 @@ def parity_rows(device: torch.device, backends: list[str], dtypes: list[str], mo
                     rows.append(dict(row, status="ERROR", reason=f"{type(exc).__name__}: {exc}"))
                     continue
                 tensor_rows = compare_loss_and_grads(actual, expected, tensors, dtype, TEMPERATURE,
-                                                     "mean")
+                                                     opts.get("reduction", "mean"), tau_floor=tau_floor_value)
                 worst = max(tensor_rows, key=lambda r: r["ratio"])
                 rows.append(dict(row, status="PASS" if all(r["ok"] for r in tensor_rows) else "FAIL",
                                  worst=worst, tensors=tensor_rows))

@@ -213,9 +213,16 @@ def reference_loss(
 ) -> torch.Tensor:
     """The naive loss on already validated inputs (the ``"naive"`` backend)."""
     logits = reference_logits(anchors, positives, negatives, labels, options)
+    return loss_from_logits(logits, positives.shape[0], labels, options)
+
+
+def loss_from_logits(logits: torch.Tensor, n_positives: int, labels: torch.Tensor,
+                     options: InfoNCEOptions) -> torch.Tensor:
+    """The reduced loss of a :func:`reference_logits` matrix (N, M_total) whose first
+    ``n_positives`` columns are the positives block."""
     per_row = F.cross_entropy(logits, labels, reduction="none")
     if options.symmetric:
-        pos = logits[:, : positives.shape[0]]
+        pos = logits[:, :n_positives]
         rows = torch.arange(pos.shape[0], device=pos.device)
         col_lse = torch.logsumexp(pos, dim=0)
         per_row = 0.5 * (per_row + col_lse[labels] - pos[rows, labels])

@@ -44,7 +44,7 @@ import torch
 
 from .errors import SelfCheckError
 from .options import InfoNCEOptions
-from .tolerances import compare_loss_and_grads, weighted_backward
+from .tolerances import compare_loss_and_grads, temperature_grad_floor, weighted_backward
 
 ENV_VAR = "SIMCSE_KERNELS_SELFCHECK"
 #: rows of anchors / positives / negatives the check runs on
@@ -230,7 +230,9 @@ def run_check(backend: str, anchors, positives, negatives, labels, options: Info
     finally:
         if tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
-    rows = compare_loss_and_grads(actual, expected, (a, p, neg), anchors.dtype, tau_value, options.reduction)
+    tau_floor_value = temperature_grad_floor(a, p, neg, lab, ref_options) if learnable else None
+    rows = compare_loss_and_grads(actual, expected, (a, p, neg), anchors.dtype, tau_value, options.reduction,
+                                  tau_floor=tau_floor_value)
     shapes = (f"N={a.shape[0]}, P={p.shape[0]}, K={0 if neg is None else neg.shape[0]}, D={a.shape[1]} "
               f"(slice of N={anchors.shape[0]})")
     return SelfCheckResult(key=key, backend=backend, ok=all(r["ok"] for r in rows), rows=rows, shapes=shapes)

@@ -10,8 +10,11 @@ A value ``actual`` agrees with its float64 reference ``expected`` when, element 
 * feature gradients: one gradient term is ``|g_i| |ŷ_j| / (tau |x|)`` with ``ŷ`` entries
   ``~ 1/sqrt(D)``; gradients of saturated rows (softmax ~ one-hot) are far below it and below the
   compute dtype's resolution there;
-* temperature gradient: ``dL/dtau = -(1/tau) Σ dS_ij s_ij`` is a cancelling sum of terms of size
-  ``~ g/tau²``; its round-off is relative to that unit, not to the (possibly ~0) result.
+* temperature gradient: ``dL/dtau = Σ_ij dS_ij ∂s_ij/∂tau = -(1/tau) Σ dS_ij s_ij`` is a sum of
+  N·M terms that cancel (``Σ_j dS_ij = 0`` per row). Its summation round-off is bounded by the
+  sum of the terms' magnitudes, ``Σ_ij |g_i σ_ij s_ij| / tau + Σ_i |g_i s_{i,l_i}| / tau`` (the
+  softmax terms and the target terms, which cancel to ~0 in a saturated row), whatever order the
+  machine sums in: :func:`temperature_grad_floor`, from the float64 reference; never the result.
 
 The fused backends compute in fp32 (fp64 for fp64), so the loss is accurate to fp32 round-off in
 every input dtype; gradients come back in the input dtype and carry its rounding.
@@ -19,6 +22,7 @@ every input dtype; gradients come back in the input dtype and carry its rounding
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -51,21 +55,70 @@ def loss_scale_floor(n_rows: int, tau: float, reduction: str) -> float:
     return (n_rows if reduction == "sum" else 1) / tau
 
 
-def grad_scale_floor(name: str, source: torch.Tensor | float, n_rows: int, tau: float, reduction: str) -> float:
-    """The round-off unit of the gradient of input ``name`` (see the module docstring).
+def grad_scale_floor(name: str, source: torch.Tensor, n_rows: int, tau: float, reduction: str) -> float:
+    """The round-off unit of the gradient of feature input ``name`` (see the module docstring); the
+    temperature's is :func:`temperature_grad_floor`.
 
     Args:
-        name: "anchors", "positives", "negatives" or "temperature".
-        source: the (R, D) input the gradient belongs to (ignored for "temperature").
+        name: "anchors", "positives" or "negatives".
+        source: the (R, D) input the gradient belongs to.
         n_rows: N, the number of anchor rows.
         tau: the temperature value.
         reduction: "mean", "sum" or "none" (upstream weights up to :data:`MAX_UPSTREAM_WEIGHT`).
     """
-    g_max = MAX_UPSTREAM_WEIGHT / n_rows if reduction == "mean" else MAX_UPSTREAM_WEIGHT
     if name == "temperature":
-        return g_max / tau**2
+        raise ValueError("the temperature gradient's floor is temperature_grad_floor(...), the sum of its |terms|")
+    g_max = MAX_UPSTREAM_WEIGHT / n_rows if reduction == "mean" else MAX_UPSTREAM_WEIGHT
     rms_norm = source.detach().double().norm(dim=1).pow(2).mean().sqrt().item() or 1.0
     return g_max / (tau * source.shape[1] ** 0.5 * rms_norm)
+
+
+def temperature_grad_floor(anchors, positives, negatives, labels, options, loss_weight=None) -> float:
+    """The round-off unit of ``dL/dtau`` (module docstring), in float64 from the reference.
+
+    ``dL/dtau = Σ_ij g_i σ_ij ∂s_ij/∂tau − Σ_i g_i ∂s_{i,l_i}/∂tau`` (``g_i = ∂L/∂ℓ_i``; with
+    ``symmetric`` the column softmax adds its own σ terms) is a sum whose two parts cancel, to ~0 for
+    saturated rows; its round-off in any summation order is bounded by the sum of the magnitudes of
+    those terms, which this returns.
+
+    Args:
+        anchors, positives, negatives: (N, D), (P, D), (K, D) or None inputs (any float dtype; promoted
+            to float64).
+        labels: (N,) target columns, or None for ``arange(N)``.
+        options: the :class:`~simcse_kernels.options.InfoNCEOptions` of the loss (temperature a number
+            or a tensor; its value is used).
+        loss_weight: the upstream gradient of the loss, a number or a tensor of the loss's shape
+            (default :func:`weighted_backward`'s weights).
+
+    Every logit is ``x/tau + k`` with ``k`` independent of tau, so ``∂s/∂tau = -2 (s(tau) - s(2 tau)) / tau``
+    entry by entry (0 on masked -inf entries): this reuses the reference's logits of every option.
+    """
+    from .reference import loss_from_logits, reference_logits
+    from .validation import validate_inputs
+
+    tau = options.temperature
+    tau = float(tau.detach().reshape(())) if isinstance(tau, torch.Tensor) else float(tau)
+    to64 = lambda t: None if t is None else t.detach().to(torch.float64)
+    a, p, n = to64(anchors), to64(positives), to64(negatives)
+    opts = dataclasses.replace(options, temperature=tau, backend="naive")
+    n, labels = validate_inputs(a, p, n, labels, opts)
+    with torch.enable_grad():
+        logits = reference_logits(a, p, n, labels, opts).detach().requires_grad_(True)
+        loss = loss_from_logits(logits, p.shape[0], labels, opts)
+        if loss_weight is None:
+            loss_weight = torch.linspace(0.5, MAX_UPSTREAM_WEIGHT, loss.numel(), dtype=loss.dtype,
+                                         device=loss.device).reshape(loss.shape)
+        loss_weight = torch.as_tensor(loss_weight, dtype=torch.float64, device=loss.device)
+        (dlogits,) = torch.autograd.grad((loss * loss_weight).sum(), logits)
+    doubled = reference_logits(a, p, n, labels, dataclasses.replace(opts, temperature=2.0 * tau))
+    finite = torch.isfinite(logits.detach())
+    dlogit_dtau = torch.where(finite, -2.0 * (logits.detach() - doubled) / tau, torch.zeros_like(doubled))
+    rows = torch.arange(a.shape[0], device=a.device)
+    g = loss_weight.expand(a.shape[0]) / (a.shape[0] if opts.reduction == "mean" else 1)
+    softmax_part = dlogits.clone()
+    softmax_part[rows, labels] += g  # dS = σ-terms − g at the target: put the target's g back
+    target_part = g * dlogit_dtau[rows, labels]
+    return ((softmax_part * dlogit_dtau).abs().sum() + target_part.abs().sum()).item()
 
 
 def scaled_error(actual: torch.Tensor, expected: torch.Tensor, tol: dict, min_scale: float = 0.0) -> dict:
@@ -111,7 +164,8 @@ def weighted_backward(loss: torch.Tensor) -> None:
 GRAD_NAMES = ("anchors", "positives", "negatives", "temperature")
 
 
-def compare_loss_and_grads(actual, expected, sources, dtype: torch.dtype, tau: float, reduction: str) -> list[dict]:
+def compare_loss_and_grads(actual, expected, sources, dtype: torch.dtype, tau: float, reduction: str,
+                           tau_floor: float | None = None) -> list[dict]:
     """Compare a backend's loss and gradients with their float64 references.
 
     Args:
@@ -122,6 +176,8 @@ def compare_loss_and_grads(actual, expected, sources, dtype: torch.dtype, tau: f
         dtype: the input dtype (selects the tolerances).
         tau: the temperature value.
         reduction: the loss reduction.
+        tau_floor: :func:`temperature_grad_floor` of the compared loss (needed when a temperature
+            gradient is compared).
 
     Returns:
         One row per compared tensor: ``dict(tensor, max_abs_err, allowed, ratio, ok)``; a gradient
@@ -138,7 +194,12 @@ def compare_loss_and_grads(actual, expected, sources, dtype: torch.dtype, tau: f
             rows.append(dict(tensor=f"grad {name}", max_abs_err=math.inf, err=math.inf, allowed=0.0,
                              ratio=math.inf, ok=False, note="missing gradient" if act is None else "unexpected gradient"))
             continue
-        floor = grad_scale_floor(name, src, n_rows, tau, reduction)
+        if name == "temperature":
+            if tau_floor is None:
+                raise ValueError("comparing a temperature gradient needs tau_floor")
+            floor = tau_floor
+        else:
+            floor = grad_scale_floor(name, src, n_rows, tau, reduction)
         row = dict(tensor=f"grad {name}", **scaled_error(act, exp, GRAD_TOL[dtype], floor))
         if name != "temperature" and act.dtype != src.dtype:
             row.update(ok=False, note=f"gradient dtype {act.dtype} != input dtype {src.dtype}")

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from simcse_kernels import fused_info_nce, info_nce_reference
-from simcse_kernels.tolerances import GRAD_TOL, LOSS_TOL, grad_scale_floor, loss_scale_floor
+from simcse_kernels.options import InfoNCEOptions
+from simcse_kernels.tolerances import (
+    GRAD_TOL,
+    LOSS_TOL,
+    grad_scale_floor,
+    loss_scale_floor,
+    temperature_grad_floor,
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -109,12 +116,22 @@ def assert_backend_matches_reference(backend, a, p, neg, tau=0.05, **options):
         assert act is not None, f"{name}: missing gradient"
         # Unit of one gradient term: |g_i| |ŷ_j| / (tau |x|) with ŷ entries ~ 1/sqrt(D). Gradients of
         # saturated rows (softmax ~ one-hot) are far below it and below fp32 resolution there.
-        # dL/dtau = -(1/tau) sum dS_ij s_ij is a cancelling sum of terms of size ~1/tau^2:
-        # its round-off is relative to that unit, not to the (possibly ~0) result.
-        min_scale = grad_scale_floor(name, src, a.shape[0], tau_value, reduction)
+        # dL/dtau = -(1/tau) sum dS_ij s_ij is a cancelling sum of N·M terms: its round-off is bounded
+        # by the sum of their magnitudes (in any summation order), not by the (possibly ~0) result.
+        if name == "temperature":
+            min_scale = reference_temperature_floor(a, p, neg, tau_value, **options)
+        else:
+            min_scale = grad_scale_floor(name, src, a.shape[0], tau_value, reduction)
         if name != "temperature":
             assert act.dtype == src.dtype, f"{name}: grad dtype {act.dtype} != input dtype {src.dtype}"
         _assert_close_scaled(act, exp, GRAD_TOL[dtype], f"grad {name}", min_scale=min_scale)
+
+
+def reference_temperature_floor(a, p, neg, tau, labels=None, **options):
+    """:func:`temperature_grad_floor` of the loss :func:`loss_and_grads` differentiates (its upstream
+    weights), for ``fused_info_nce`` keyword ``options``."""
+    options = {k: v for k, v in options.items() if k not in ("backend", "chunk_budget_mib")}
+    return temperature_grad_floor(a, p, neg, labels, InfoNCEOptions(temperature=float(tau), **options))
 
 
 def interpret_triton() -> bool:

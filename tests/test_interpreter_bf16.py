@@ -121,7 +121,7 @@ def _unsaturated_inputs(n, d, k, seed):
 
 def _assert_not_vacuous(a, p, neg, tau, **options):
     """A zero gradient must fail the bf16 tolerance for every input (the test can see a wrong gradient)."""
-    from conftest import loss_and_grads
+    from conftest import loss_and_grads, reference_temperature_floor
 
     from simcse_kernels import info_nce_reference
     from simcse_kernels.tolerances import GRAD_TOL, grad_scale_floor, scaled_error
@@ -131,7 +131,10 @@ def _assert_not_vacuous(a, p, neg, tau, **options):
     for name, grad, src in zip(("anchors", "positives", "negatives", "temperature"), grads, (a, p, neg, tau)):
         if grad is None:
             continue
-        floor = grad_scale_floor(name, src, a.shape[0], float(tau), options.get("reduction", "mean"))
+        if name == "temperature":
+            floor = reference_temperature_floor(a, p, neg, float(tau), **options)
+        else:
+            floor = grad_scale_floor(name, src, a.shape[0], float(tau), options.get("reduction", "mean"))
         assert not scaled_error(torch.zeros_like(grad), grad, GRAD_TOL[torch.bfloat16], floor)["ok"], name
 
 

@@ -12,14 +12,30 @@ when the MLP head is used at evaluation) so ``SentenceTransformer(path)`` gives 
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
 import random
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .model import SimCSEModel, quiet_transformers_progress, resolve_model_path, resolve_pooler
+from .errors import TrainingStopped, UsageError, write_failed
+from .model import (
+    EXPORT_TMP_PREFIX,
+    SimCSEModel,
+    incomplete_export,
+    quiet_transformers_progress,
+    resolve_model_path,
+    resolve_pooler,
+)
+
+CHECKSUM_FILE = "state.pt.sha256"
+CKPT_TMP_PREFIX = ".tmp-step-"
 
 ST_POOLING = {"cls": "cls", "cls_before_pooler": "cls", "avg": "mean"}
 
@@ -41,31 +57,115 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename or new file inside it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path``, flush and fsync (an ``OSError`` such as ENOSPC propagates)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_state(path: str | Path, *, model, optimizer, scheduler, scaler, step: int, best: float | None,
                extra: dict | None = None) -> Path:
-    """Write the full training state to ``path`` (a folder; ``state.pt`` inside), atomically."""
+    """Write the full training state to ``path`` (a folder; ``state.pt`` inside), atomically and verified.
+
+    The folder is written as a ``.tmp-step-*`` sibling: ``state.pt`` (fsynced), then its SHA-256 in
+    ``state.pt.sha256``, then the folder is fsynced and renamed to ``path``. Files already in ``path``
+    (other ranks' RNG states) are moved along. On a failed write (e.g. ENOSPC) the temporary is removed
+    and :class:`~.errors.TrainingStopped` names the path and the cause.
+    """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     blob = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None, "step": step, "best": best,
         "rng": rng_state(), "extra": extra or {},
     }
-    tmp = path / "state.pt.tmp"
-    torch.save(blob, tmp)
-    tmp.replace(path / "state.pt")
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    data = buf.getvalue()
+    tmp = path.parent / f"{CKPT_TMP_PREFIX}{path.name}-{os.getpid()}"
+    target = tmp / "state.pt"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if path.is_dir():  # rank files written by every rank before rank 0 saves
+            path.rename(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        write_bytes_durably(target, data)
+        target = tmp / CHECKSUM_FILE
+        write_bytes_durably(target, hashlib.sha256(data).hexdigest().encode() + b"\n")
+        fsync_dir(tmp)
+        tmp.rename(path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failed(target, exc) from None
     return path
 
 
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest ``checkpoints/step-*`` folder with a complete ``state.pt`` under ``out_dir``, or None."""
-    ckpts = sorted(Path(out_dir).glob("checkpoints/step-*/state.pt"))
-    return ckpts[-1].parent if ckpts else None
+def verify_checkpoint(path: str | Path) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be used (missing file, checksum mismatch), or None."""
+    path = Path(path)
+    state, digest_file = path / "state.pt", path / CHECKSUM_FILE
+    if not state.is_file():
+        return "no state.pt"
+    if not digest_file.is_file():
+        return f"no {CHECKSUM_FILE} (unfinished or written by an older version)"
+    h = hashlib.sha256()
+    with open(state, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != digest_file.read_text().strip():
+        return f"state.pt does not match its checksum ({state.stat().st_size} bytes; truncated or corrupted)"
+    return None
 
 
-def load_state(path: str | Path, *, model, optimizer, scheduler, scaler) -> dict:
-    """Load a :func:`save_state` folder into the given objects; restores RNG. Returns the blob (step, best)."""
-    blob = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
+def checkpoint_folders(out_dir: str | Path) -> list[Path]:
+    """The ``checkpoints/step-*`` folders under ``out_dir``, oldest first (temporaries excluded)."""
+    return sorted(p for p in Path(out_dir).glob("checkpoints/step-*") if p.is_dir())
+
+
+def remove_temporaries(out_dir: str | Path) -> None:
+    """Delete what an interrupted run left: checkpoint and export temporaries (a ``.old`` export that
+    was being replaced is put back if its replacement never arrived)."""
+    out = Path(out_dir)
+    for p in out.glob(f"checkpoints/{CKPT_TMP_PREFIX}*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in out.glob(f"{EXPORT_TMP_PREFIX}*"):
+        name = p.name[len(EXPORT_TMP_PREFIX):]
+        if name.endswith(".old") and not (out / name[:-4]).exists():
+            p.rename(out / name[:-4])
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def latest_checkpoint(out_dir: str | Path, warn: bool = True) -> Path | None:
+    """The newest ``checkpoints/step-*`` folder that passes :func:`verify_checkpoint`, or None.
+
+    Each newer folder that fails prints one warning line (on stderr) and is skipped.
+    """
+    for path in reversed(checkpoint_folders(out_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        if warn:
+            print(f"warning: skipping checkpoint {path}: {problem}", file=sys.stderr, flush=True)
+    return None
+
+
+def load_state(path: str | Path, *, model, optimizer, scheduler, scaler, blob: dict | None = None) -> dict:
+    """Load a :func:`save_state` folder (or its already loaded ``blob``) into the given objects; restores RNG.
+    Returns the blob (step, best)."""
+    if blob is None:
+        blob = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
     model.load_state_dict(blob["model"])
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
@@ -75,7 +175,50 @@ def load_state(path: str | Path, *, model, optimizer, scheduler, scaler) -> dict
     return blob
 
 
+def check_finite_parameters(model: torch.nn.Module, what: str) -> None:
+    """Raise :class:`~.errors.TrainingStopped` if any parameter of ``model`` holds a NaN or infinity."""
+    for name, p in model.named_parameters():
+        bad = int((~torch.isfinite(p.detach())).sum())
+        if bad:
+            raise TrainingStopped(f"not exporting {what}: parameter {name} has {bad} non-finite value(s)")
+
+
 def export_model(model: SimCSEModel, tokenizer, out_dir: str | Path, max_seq_length: int = 128) -> Path:
+    """:func:`write_export` into a temporary sibling of ``out_dir``, then rename it into place.
+
+    Every parameter is checked to be finite first. An existing ``out_dir`` is replaced (moved to a
+    ``.old`` sibling, then deleted); :func:`remove_temporaries` cleans up after a kill at any point.
+    A failed write (e.g. ENOSPC) removes the temporary and raises :class:`~.errors.TrainingStopped`.
+    """
+    out = Path(out_dir)
+    check_finite_parameters(model, str(out))
+    tmp = out.parent / f"{EXPORT_TMP_PREFIX}{out.name}"
+    old = out.parent / f"{EXPORT_TMP_PREFIX}{out.name}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_export(model, tokenizer, tmp, max_seq_length)
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        cfg = json.loads((tmp / "simcse_config.json").read_text())
+        cfg["files"] = files
+        write_bytes_durably(tmp / "simcse_config.json", json.dumps(cfg, indent=2).encode())
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb+") as f:
+                    os.fsync(f.fileno())
+        fsync_dir(tmp)
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+        tmp.rename(out)
+        fsync_dir(out.parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failed(tmp, exc) from None
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def write_export(model: SimCSEModel, tokenizer, out_dir: str | Path, max_seq_length: int = 128) -> Path:
     """Save ``model`` for ``transformers`` and ``sentence-transformers`` (see the module docstring).
 
     Args:
@@ -141,8 +284,10 @@ def load_exported(path: str | Path, pooler: str | None = None, **hf_kwargs) -> S
         pooler: overrides the model's own choice; default: ``simcse_config.json``, else the model's
             sentence-transformers pooling, else ``cls_before_pooler`` (see :func:`~.model.resolve_pooler`).
     """
-    pooler, _, _ = resolve_pooler(str(path), pooler, default="cls_before_pooler")
     folder = Path(resolve_model_path(str(path)))
+    if folder.is_dir() and incomplete_export(folder) is not None:
+        raise UsageError(incomplete_export(folder))
+    pooler, _, _ = resolve_pooler(str(path), pooler, default="cls_before_pooler")
     cfg_file = folder / "simcse_config.json"
     cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
     eval_mlp = bool(cfg.get("eval_mlp")) and pooler == "cls"

@@ -16,7 +16,7 @@ import sys
 import typing
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import TrainingStopped, UsageError
 from .pooling import POOLERS
 from .trainer import PRECISIONS, TrainConfig
 
@@ -61,6 +61,12 @@ HELP = {
     "backend": "fused_info_nce backend: auto | naive | torch | triton | cuda",
     "progress": "tqdm progress bar",
     "threads": "torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)",
+    "on_nonfinite": "a NaN/inf loss or grad norm before an optimizer step: stop (one line, exit 1, nothing "
+                    "exported) or skip the step (counted; see --max_skipped_steps)",
+    "max_skipped_steps": "with --on_nonfinite skip: stop after more than this many non-finite steps in a row",
+    "resume_changed": "resume even if training-relevant flags (lr, temperature, seed, train_file, ...) differ "
+                      "from the checkpoint's; the new values apply, LR schedule included",
+    "dist_timeout": "seconds a rank waits for the others in a collective before failing (torchrun)",
 }
 
 
@@ -81,6 +87,15 @@ class _Parser(argparse.ArgumentParser):
 def _fail(prog: str, message: str) -> int:
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     return 2
+
+
+def _missing_train_extra() -> str | None:
+    """The one-line error when ``transformers`` (the ``[train]`` extra) cannot be imported, else None."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return 'transformers is not installed; pip install "simcse-kernels[train]"'
+    return None
 
 
 def _is_rank0() -> bool:
@@ -130,6 +145,13 @@ def check_train_inputs(cfg: TrainConfig) -> list[tuple[str, ...]]:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out}: exists and is not a folder")
+    parent = out.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--output_dir {out}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--output_dir {out}: {parent} is not writable")
     if cfg.data_dir is not None:
         if not (Path(cfg.data_dir) / "sts").is_dir():
             raise UsageError(f"--data_dir {cfg.data_dir}: no sts/ folder there (STS-B dev is read from it)")
@@ -148,6 +170,8 @@ def train_main(argv: list[str] | None = None) -> int:
     from .model import check_model, resolve_pooler
 
     args = build_train_parser().parse_args(argv)
+    if (missing := _missing_train_extra()) is not None:
+        return _fail("simcse-train", missing)
     cfg = TrainConfig(**vars(args))
     try:
         examples = check_train_inputs(cfg)
@@ -159,6 +183,10 @@ def train_main(argv: list[str] | None = None) -> int:
         summary = train(cfg, examples=examples)
     except UsageError as exc:
         return _fail("simcse-train", str(exc))
+    except TrainingStopped as exc:
+        prefix = "" if exc.exit_code >= 128 else "error: "
+        print(f"simcse-train: {prefix}{exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     if _is_rank0():
         print(json.dumps(summary, indent=2))
     return 0
@@ -215,6 +243,8 @@ def _eval_device(name: str):
 def eval_main(argv: list[str] | None = None) -> int:
     """Entry point of ``simcse-eval``; returns the exit status (2 on a user error)."""
     args = build_eval_parser().parse_args(argv)
+    if (missing := _missing_train_extra()) is not None:
+        return _fail("simcse-eval", missing)
     try:
         return _evaluate(args)
     except UsageError as exc:

@@ -12,6 +12,7 @@ and the average divides the W back out.
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -30,11 +31,12 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_from_env(device: str) -> torch.device:
+def init_from_env(device: str, timeout_s: float = 600.0) -> torch.device:
     """Initialise the process group if launched by torchrun (``WORLD_SIZE`` > 1); NCCL on CUDA, gloo else.
 
     Args:
         device: "cuda" or "cpu" (the requested device type).
+        timeout_s: how long a collective waits for a stuck rank before it fails (``--dist_timeout``).
 
     Returns:
         This process's device (``cuda:LOCAL_RANK`` under torchrun on GPU).
@@ -42,7 +44,7 @@ def init_from_env(device: str) -> torch.device:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     if device.startswith("cuda") and world > 1:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)

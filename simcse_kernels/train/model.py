@@ -69,6 +69,31 @@ def _hub_file(repo_id: str, filename: str) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
+EXPORT_TMP_PREFIX = ".tmp-export-"
+
+
+def incomplete_export(folder: str | Path) -> str | None:
+    """Why ``folder`` is an incomplete ``simcse-train`` export (a killed export), or None if it is not one.
+
+    ``export_model`` writes into a ``.tmp-export-*`` sibling, lists every file it wrote in
+    ``simcse_config.json`` (written last) and then renames the folder into place.
+    """
+    folder = Path(folder)
+    if folder.name.startswith(EXPORT_TMP_PREFIX):
+        return f"{folder} is an unfinished export (a temporary folder of an interrupted run)"
+    cfg_file = folder / "simcse_config.json"
+    if not cfg_file.is_file():
+        return None
+    try:
+        files = json.loads(cfg_file.read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return f"{folder} is an incomplete export: simcse_config.json is unreadable"
+    missing = [f for f in files or () if not (folder / f).is_file()]
+    if missing:
+        return f"{folder} is an incomplete export: {len(missing)} file(s) missing, e.g. {missing[0]}"
+    return None
+
+
 def check_model(name: str) -> str:
     """Check ``--model`` before anything loads; return what ``from_pretrained`` should get.
 
@@ -84,6 +109,9 @@ def check_model(name: str) -> str:
     if folder.is_dir():
         if not (folder / "config.json").is_file():
             raise UsageError(f"--model {name}: the folder {folder} has no config.json (not a transformers model)")
+        problem = incomplete_export(folder)
+        if problem is not None:
+            raise UsageError(f"--model {name}: {problem}")
         return str(folder)
     if name.startswith("pkg:"):
         raise UsageError(f"--model {name}: get_model_path() gave {path}, which is not a folder")
@@ -244,6 +272,10 @@ class SimCSEModel(nn.Module):
         from transformers import AutoModel, AutoModelForMaskedLM
 
         auto = AutoModelForMaskedLM if do_mlm else AutoModel
+        folder = Path(resolve_model_path(name)).expanduser()
+        problem = incomplete_export(folder) if folder.is_dir() else None
+        if problem is not None:
+            raise UsageError(problem)
         with quiet_transformers_progress():  # no "Loading weights" bar
             backbone = auto.from_pretrained(resolve_model_path(name), **hf_kwargs)
         return cls(backbone, pooler, mlp_only_train, do_mlm, loss_fn)

@@ -10,11 +10,17 @@ and ``final/`` (export at the end); exports load with ``transformers`` and ``sen
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import math
+import os
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +32,7 @@ from ..module import FusedInfoNCE
 from . import checkpoint as ckpt
 from .data import TOKEN_KEYS, BatchOrder, Collator, check_enough_examples, read_examples, split_batch
 from .distributed import average_gradients, init_from_env, is_distributed, mean_over_ranks, rank_and_world
-from .errors import UsageError
+from .errors import TrainingStopped, UsageError, write_failed
 from .grad_cache import cuda_devices_of, grad_cache_backward
 from .model import SimCSEModel, check_model, resolve_pooler
 from .objective import contrastive_loss
@@ -34,6 +40,12 @@ from .pooling import POOLERS
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKEND_NAMES = ("auto", "naive", "torch", "triton", "cuda")
+NONFINITE_ACTIONS = ("stop", "skip")
+# Flags whose change on resume changes what is trained (the others, e.g. --log_every, may change freely).
+RESUME_FLAGS = ("model", "train_file", "pooler", "mlp_only_train", "max_length", "batch_size", "grad_cache_chunk",
+                "max_steps", "epochs", "lr", "weight_decay", "warmup_steps", "max_grad_norm", "temperature",
+                "learnable_temperature", "hard_negative_weight", "mix_lambda", "symmetric", "do_mlm", "mlm_weight",
+                "mlm_probability", "precision", "seed", "backend")
 
 
 @dataclass
@@ -76,6 +88,10 @@ class TrainConfig:
     backend: str = "auto"
     progress: bool = True
     threads: int | None = None
+    on_nonfinite: str = "stop"
+    max_skipped_steps: int = 10
+    resume_changed: bool = False
+    dist_timeout: float = 600.0
 
     def validate(self) -> None:
         """Check every option's value (cheap, no model or data touched).
@@ -122,6 +138,9 @@ class TrainConfig:
         need(finite("mlm_probability") and 0 < self.mlm_probability < 1, "mlm_probability", "a number in (0, 1)")
         need(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}")
         need(self.backend in BACKEND_NAMES, "backend", f"one of {', '.join(BACKEND_NAMES)}")
+        need(self.on_nonfinite in NONFINITE_ACTIONS, "on_nonfinite", f"one of {', '.join(NONFINITE_ACTIONS)}")
+        integer("max_skipped_steps", 1)
+        need(finite("dist_timeout") and self.dist_timeout > 0, "dist_timeout", "a positive number of seconds")
         try:
             device = torch.device(self.device) if self.device != "auto" else None
         except (RuntimeError, ValueError):
@@ -176,7 +195,7 @@ class Trainer:
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = init_from_env(str(cfg.resolved_device()))
+        self.device = init_from_env(str(cfg.resolved_device()), cfg.dist_timeout)
         self.rank, self.world = rank_and_world()
         if cfg.batch_size % self.world:
             raise UsageError(f"--batch_size {cfg.batch_size} is not divisible by the world size {self.world}")
@@ -213,10 +232,42 @@ class Trainer:
         self.amp_dtype = PRECISIONS[cfg.precision]
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         self.step, self.best = 0, None
-        self.out.mkdir(parents=True, exist_ok=True)  # only now: nothing is left behind by a failed start
+        self.skipped_in_a_row = self.skipped_total = 0
+        self._signal: int | None = None
+        self._lock_file = None
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)  # only now: nothing is left behind by a failed start
+        except OSError as exc:
+            raise UsageError(f"--output_dir {self.out}: cannot create it: {exc.strerror or exc}") from None
+        if self.rank == 0:
+            self._lock_output_dir()
+            ckpt.remove_temporaries(self.out)
         self.metrics_path = self.out / "metrics.jsonl"
         self._dev_pairs = None
         self.last_dev: float | None = None
+
+    def _lock_output_dir(self) -> None:
+        """Hold an advisory lock on ``output_dir/.lock`` for the life of this process (one run per folder)."""
+        path = self.out / ".lock"
+        f = open(path, "a+")  # noqa: SIM115 - held open until the process ends
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            f.close()
+            raise UsageError(f"{self.out} is in use by pid {pid}") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._lock_file = f
+
+    def release_lock(self) -> None:
+        """Release the output folder's lock (also released when the process ends)."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     # ---- one optimisation step -------------------------------------------------------------
     def _autocast(self):
@@ -236,9 +287,16 @@ class Trainer:
     def _scale(self, t: torch.Tensor) -> torch.Tensor:
         return self.scaler.scale(t) if self.scaler is not None else t
 
+    def _contrastive_or_nan(self, z: torch.Tensor) -> torch.Tensor:
+        """The contrastive loss of embeddings ``z``; NaN (with NaN gradients) if ``z`` is not finite, so the
+        non-finite guard of :meth:`train_step` decides (the loss itself rejects non-finite inputs)."""
+        if not bool(torch.isfinite(z).all()):
+            return z.float().sum() * float("nan")
+        return contrastive_loss(z, self.model.loss_fn)
+
     def forward_backward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Loss (and weighted MLM loss) of one local batch; accumulates parameter gradients."""
-        loss_of = lambda z: contrastive_loss(z, self.model.loss_fn)
+        loss_of = self._contrastive_or_nan
         aux = self._mlm if self.cfg.do_mlm else None
         n_local = batch["input_ids"].shape[0] // batch["n_views"]
         chunk = self.cfg.grad_cache_chunk
@@ -262,13 +320,28 @@ class Trainer:
         average_gradients(self.model.parameters())
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = None
-        if cfg.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
-        if self.scaler is not None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf))
+        loss_value = float(mean_over_ranks(loss))
+        # fp16: the grad scaler skips steps with non-finite gradients itself; the loss is still checked.
+        bad = ("loss", loss_value) if not math.isfinite(loss_value) else (
+            ("grad norm", grad_norm) if self.scaler is None and not math.isfinite(grad_norm) else None)
+        if bad is not None and cfg.on_nonfinite == "stop":
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingStopped(f"step {self.step + 1}: {bad[0]} is {bad[1]} (non-finite); stopped before the "
+                                  "optimizer step, nothing exported; the last checkpoint is intact "
+                                  "(lower --lr, raise --temperature, or --on_nonfinite skip)")
+        if bad is not None:
+            self.skipped_in_a_row += 1
+            self.skipped_total += 1
+            if self.skipped_in_a_row > cfg.max_skipped_steps:
+                raise TrainingStopped(f"step {self.step + 1}: {bad[0]} is {bad[1]}: more than "
+                                      f"--max_skipped_steps {cfg.max_skipped_steps} non-finite steps in a row")
+        elif self.scaler is not None:
+            self.skipped_in_a_row = 0
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
+            self.skipped_in_a_row = 0
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -277,13 +350,15 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
         tau = self.model.loss_fn.temperature
-        rec = {"step": self.step, "loss": float(mean_over_ranks(loss)), "lr": self.scheduler.get_last_lr()[0],
+        rec = {"step": self.step, "loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
                "temperature": float(tau.detach()) if isinstance(tau, torch.Tensor) else float(tau),
                "examples_per_s": cfg.batch_size / dt, "step_time_s": dt}
         if mlm is not None:
             rec["mlm_loss"] = float(mean_over_ranks(mlm)) / cfg.mlm_weight
-        if grad_norm is not None:
-            rec["grad_norm"] = grad_norm
+        rec["grad_norm"] = grad_norm
+        if bad is not None:
+            rec["skipped"] = True
+            rec["skipped_total"] = self.skipped_total
         return rec
 
     # ---- evaluation, logging, checkpoints --------------------------------------------------
@@ -297,17 +372,51 @@ class Trainer:
         return eval_pairs(encode, self._dev_pairs)
 
     def log(self, rec: dict) -> None:
-        if self.rank == 0:
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+        """Append ``rec`` to metrics.jsonl as one whole line (one write, flushed and fsynced).
+
+        A failed write (e.g. ENOSPC) cuts the file back to its previous length and raises
+        :class:`~.errors.TrainingStopped`.
+        """
+        if self.rank != 0:
+            return
+        line = (json.dumps(rec) + "\n").encode()
+        with self.metrics_path.open("ab") as f:
+            size = f.tell()
+            try:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as exc:
+                f.truncate(size)
+                raise write_failed(self.metrics_path, exc) from None
 
     def _truncate_metrics(self) -> None:
-        """On resume, drop records of steps after the checkpoint (a killed run may have logged them)."""
+        """On resume, drop records of steps after the checkpoint (a killed run may have logged them), and a
+        last line cut by a kill or a full disk (with a warning)."""
         if self.rank != 0 or not self.metrics_path.is_file():
             return
-        keep = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= self.step]
-        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+        keep = []
+        lines = self.metrics_path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                if i != len(lines) - 1:
+                    raise UsageError(f"{self.metrics_path}: line {i + 1} is not JSON (edit or remove it)") from None
+                print(f"warning: {self.metrics_path}: dropping a cut last line ({len(line)} characters)",
+                      file=sys.stderr, flush=True)
+                continue
+            if rec.get("step", 0) <= self.step:
+                keep.append(line)
+        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        try:
+            ckpt.write_bytes_durably(tmp, "".join(line + "\n" for line in keep).encode())
+            tmp.replace(self.metrics_path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise write_failed(self.metrics_path, exc) from None
 
     def save_checkpoint(self) -> None:
         path = self.out / "checkpoints" / f"step-{self.step:07d}"
@@ -318,9 +427,11 @@ class Trainer:
         if self.rank == 0:
             ckpt.save_state(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                             scaler=self.scaler, step=self.step, best=self.best,
-                            extra={"config": dataclasses.asdict(self.cfg)})
-            old = sorted((self.out / "checkpoints").glob("step-*"))[: -self.cfg.keep_checkpoints]
-            for p in old:
+                            extra={"config": dataclasses.asdict(self.cfg), "world": self.world})
+            # Only verified checkpoints count towards --keep_checkpoints; unusable ones are deleted.
+            folders = ckpt.checkpoint_folders(self.out)
+            good = [p for p in folders if ckpt.verify_checkpoint(p) is None]
+            for p in [p for p in folders if p not in good] + good[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(p, ignore_errors=True)
         if self.world > 1:
             torch.distributed.barrier()
@@ -329,26 +440,58 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.out) if self.cfg.resume else None
         if path is None:
             return
-        blob = ckpt.load_state(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                               scaler=self.scaler)
+        blob = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        self._check_resume(path, blob.get("extra", {}))
+        ckpt.load_state(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                        scaler=self.scaler, blob=blob)
         if self.world > 1:
             ckpt.set_rng_state(torch.load(path / f"rng-rank{self.rank}.pt", weights_only=False))
         self.step, self.best = blob["step"], blob["best"]
+        if self.cfg.resume_changed:
+            self._apply_new_schedule()
         self._truncate_metrics()
         if self.rank == 0:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
+    def _check_resume(self, path: Path, extra: dict) -> None:
+        """Refuse a resume whose training-relevant flags or world size differ from the checkpoint's."""
+        world = extra.get("world", 1)
+        if world != self.world:
+            raise UsageError(f"{path} was written by a run on {world} process(es); this run has {self.world} "
+                             "(resume with the same number of processes, or use a new --output_dir)")
+        old = extra.get("config", {})
+        new = dataclasses.asdict(self.cfg)
+        diffs = [f"--{k} {old[k]!r} -> {new[k]!r}" for k in RESUME_FLAGS if k in old and old[k] != new[k]]
+        if diffs and not self.cfg.resume_changed:
+            raise UsageError(f"resuming {path} with changed flags: {'; '.join(diffs)} "
+                             "(pass --resume_changed to accept them, or use a new --output_dir)")
+        if diffs and self.rank == 0:
+            print(f"resuming with changed flags: {'; '.join(diffs)}", flush=True)
+
+    def _apply_new_schedule(self) -> None:
+        """After ``--resume_changed``: this run's --lr, --weight_decay and LR schedule replace the checkpoint's."""
+        factor = linear_schedule(self.cfg.warmup_steps, self.total_steps)
+        self.scheduler.lr_lambdas = [factor] * len(self.optimizer.param_groups)
+        self.scheduler.base_lrs = [self.cfg.lr] * len(self.optimizer.param_groups)
+        self.scheduler.last_epoch = self.step
+        for group, wd in zip(self.optimizer.param_groups, (self.cfg.weight_decay, 0.0)):
+            group["initial_lr"] = self.cfg.lr
+            group["lr"] = self.cfg.lr * factor(self.step)
+            group["weight_decay"] = wd
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
     def _eval_and_select(self) -> None:
         if self.rank == 0:
             score = self.last_dev = self.evaluate_dev()
-            is_best = self.best is None or score > self.best
+            is_best = math.isfinite(score) and (self.best is None or score > self.best)  # NaN is never best
             if is_best:
                 self.best = score
                 ckpt.export_model(self.model, self.tokenizer, self.out / "best", self.cfg.eval_max_length)
             self.log({"step": self.step, "stsb_dev_spearman": score, "best": self.best})
             from tqdm.auto import tqdm
 
-            tqdm.write(f"step {self.step}: STS-B dev Spearman {score:.2f} (best {self.best:.2f})")
+            best = f"{self.best:.2f}" if self.best is not None else "none yet"
+            tqdm.write(f"step {self.step}: STS-B dev Spearman {score:.2f} (best {best})")
         if is_distributed():
             best = torch.tensor([self.best if self.best is not None else -math.inf], dtype=torch.float64)
             torch.distributed.broadcast(best, 0)
@@ -375,28 +518,73 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress or self.rank != 0,
                    desc="simcse", dynamic_ncols=True)
         t0, rec = time.perf_counter(), {}
-        while self.step < self.total_steps:
-            rec = self.train_step()
-            bar.update(1)
-            bar.set_postfix({"loss": f"{rec['loss']:.3g}", "ex/s": f"{rec['examples_per_s']:.0f}"})
-            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                self.log(rec)
-            if evaluating and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
-                self._eval_and_select()
-            if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == self.total_steps):
-                self.save_checkpoint()
-            if on_step is not None:
-                on_step(rec)
-        bar.close()
+        previous = self._install_signal_handlers()
+        try:
+            while self.step < self.total_steps:
+                rec = self._fit_step(on_step, bar, evaluating)
+        finally:
+            bar.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         summary.update(seconds=time.perf_counter() - t0, last_loss=rec.get("loss"))
+        if self.skipped_total:
+            summary["skipped_steps"] = self.skipped_total
         if self.rank == 0:
             ckpt.export_model(self.model, self.tokenizer, self.out / "final", cfg.eval_max_length)
             if evaluating:
                 summary["stsb_dev_after"] = self.last_dev if self.last_dev is not None else self.evaluate_dev()
                 summary["stsb_dev_best"] = self.best
+                best = f"{self.best:.2f}" if self.best is not None else "none"
                 print(f"STS-B dev Spearman after training: {summary['stsb_dev_after']:.2f} "
-                      f"(best {self.best:.2f}, saved in {self.out / 'best'})", flush=True)
+                      f"(best {best}, saved in {self.out / 'best'})", flush=True)
         return summary
+
+    def _install_signal_handlers(self) -> dict:
+        """First SIGINT / SIGTERM: finish the step, save, exit (see :meth:`_stop_on_signal`); a second: exit now."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            if self._signal is not None:
+                os._exit(128 + signum)
+            self._signal = signum
+
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _signal_received(self) -> int | None:
+        """The signal any rank received (all ranks stop at the same step), or None."""
+        if not is_distributed():
+            return self._signal
+        flag = torch.tensor([float(self._signal or 0)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag) or None
+
+    def _stop_on_signal(self, signum: int) -> typing.NoReturn:
+        path = self.out / "checkpoints" / f"step-{self.step:07d}"
+        if ckpt.verify_checkpoint(path) is not None:
+            self.save_checkpoint()
+        name = signal.Signals(signum).name
+        raise TrainingStopped(f"{name} received: stopped after step {self.step}, checkpoint saved in {path}; "
+                              "run the same command again to resume", exit_code=128 + signum)
+
+    def _fit_step(self, on_step, bar, evaluating: bool) -> dict:
+        """One step of :meth:`fit`: train, log, evaluate, checkpoint; then stop here if a signal came."""
+        cfg = self.cfg
+        rec = self.train_step()
+        bar.update(1)
+        bar.set_postfix({"loss": f"{rec['loss']:.3g}", "ex/s": f"{rec['examples_per_s']:.0f}"})
+        if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+            self.log(rec)
+        if evaluating and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
+            self._eval_and_select()
+        if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == self.total_steps):
+            self.save_checkpoint()
+        if on_step is not None:
+            on_step(rec)
+        signum = self._signal_received()
+        if signum is not None:
+            self._stop_on_signal(signum)
+        return rec
 
 
 def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,

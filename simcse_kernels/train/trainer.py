@@ -521,7 +521,15 @@ class Trainer:
         previous = self._install_signal_handlers()
         try:
             while self.step < self.total_steps:
-                rec = self._fit_step(on_step, bar, evaluating)
+                try:
+                    rec = self._fit_step(on_step, bar, evaluating)
+                except (torch.distributed.DistError, RuntimeError) as exc:
+                    if not is_distributed() or isinstance(exc, TrainingStopped):
+                        raise
+                    cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                    raise TrainingStopped(f"rank {self.rank}: a collective failed after step {self.step} (another "
+                                          f"rank stopped or died? --dist_timeout {cfg.dist_timeout:g} s): {cause}"
+                                          ) from None
         finally:
             bar.close()
             for sig, handler in previous.items():

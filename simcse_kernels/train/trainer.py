@@ -600,5 +600,8 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     """Build a :class:`Trainer` (``examples``: see there), resume from the newest checkpoint in
     ``output_dir`` if any, and fit."""
     trainer = Trainer(cfg, examples)
-    trainer.maybe_resume()
-    return trainer.fit(on_step)
+    try:
+        trainer.maybe_resume()
+        return trainer.fit(on_step)
+    finally:
+        trainer.release_lock()

@@ -437,7 +437,7 @@ class Trainer:
             torch.distributed.barrier()
 
     def maybe_resume(self) -> None:
-        path = ckpt.latest_checkpoint(self.out) if self.cfg.resume else None
+        path = ckpt.latest_checkpoint(self.out, warn=self.rank == 0) if self.cfg.resume else None
         if path is None:
             return
         blob = torch.load(path / "state.pt", map_location="cpu", weights_only=False)

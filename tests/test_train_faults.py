@@ -80,6 +80,16 @@ train(TrainConfig(**{vars(cfg)!r}))
     trainer.release_lock()
 
 
+def test_killed_between_the_renames_keeps_the_previous_export(tmp_path):
+    out = tmp_path / "run"
+    old = out / ".tmp-export-final.old"  # a kill after moving final/ aside, before the new one arrived
+    old.mkdir(parents=True)
+    (old / "config.json").write_text("{}")
+    (out / ".tmp-export-best").mkdir()  # and a half-written best/
+    ckpt.remove_temporaries(out)
+    assert sorted(p.name for p in out.iterdir()) == ["final"] and (out / "final" / "config.json").is_file()
+
+
 def test_incomplete_export_refused_by_eval_and_loader(inputs, tmp_path, capfd):
     train(_cfg(inputs, tmp_path / "run", save_every=None))
     final = tmp_path / "run" / "final"
@@ -378,3 +388,30 @@ sys.exit({main}(["--model", "m", "--train_file", "t", "--output_dir", "o", "--da
     assert proc.stderr.strip().splitlines() == [
         f'{prog}: error: transformers is not installed; pip install "simcse-kernels[train]"']
 
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs (a real full disk); skipped where this process may not mount one."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_full_disk_on_a_small_tmpfs(inputs, small_tmpfs):
+    out = small_tmpfs / "run"
+    trainer = Trainer(_cfg(inputs, out, max_steps=1000, save_every=1, keep_checkpoints=1000))
+    with pytest.raises(TrainingStopped) as info:
+        trainer.fit()
+    msg = str(info.value)
+    assert "\n" not in msg and "No space left on device" in msg and str(out) in msg, msg
+    folders = ckpt.checkpoint_folders(out)
+    assert len(folders) >= 2 and not list((out / "checkpoints").glob(".tmp-*"))  # the temporary is removed
+    assert all(ckpt.verify_checkpoint(p) is None for p in folders)  # every earlier checkpoint intact
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= len(folders)
+    trainer.release_lock()

@@ -437,7 +437,7 @@ class Trainer:
             torch.distributed.barrier()
 
     def maybe_resume(self) -> None:
-        path = ckpt.latest_checkpoint(self.out) if self.cfg.resume else None
+        path = ckpt.latest_checkpoint(self.out, warn=self.rank == 0) if self.cfg.resume else None
         if path is None:
             return
         blob = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
@@ -521,7 +521,15 @@ class Trainer:
         previous = self._install_signal_handlers()
         try:
             while self.step < self.total_steps:
-                rec = self._fit_step(on_step, bar, evaluating)
+                try:
+                    rec = self._fit_step(on_step, bar, evaluating)
+                except (torch.distributed.DistError, RuntimeError) as exc:
+                    if not is_distributed() or isinstance(exc, TrainingStopped):
+                        raise
+                    cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                    raise TrainingStopped(f"rank {self.rank}: a collective failed after step {self.step} (another "
+                                          f"rank stopped or died? --dist_timeout {cfg.dist_timeout:g} s): {cause}"
+                                          ) from None
         finally:
             bar.close()
             for sig, handler in previous.items():
@@ -592,5 +600,8 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     """Build a :class:`Trainer` (``examples``: see there), resume from the newest checkpoint in
     ``output_dir`` if any, and fit."""
     trainer = Trainer(cfg, examples)
-    trainer.maybe_resume()
-    return trainer.fit(on_step)
+    try:
+        trainer.maybe_resume()
+        return trainer.fit(on_step)
+    finally:
+        trainer.release_lock()

@@ -38,6 +38,7 @@ import torch
 
 from . import __version__
 from .backends import unavailable_reason
+from .environment import cuda_ext_info, short_environment  # noqa: F401 - short_environment re-exported
 from .functional import fused_info_nce
 from .options import InfoNCEOptions
 from .tolerances import compare_loss_and_grads, temperature_grad_floor, weighted_backward
@@ -61,17 +62,6 @@ TEMPERATURE = 0.05
 
 # ----------------------------------------------------------------------------------------------
 # versions
-
-def _cuda_ext_info() -> dict:
-    try:
-        import simcse_kernels._cuda_ext as ext
-    except ImportError as exc:
-        return dict(built=False, error=f"{type(exc).__name__}: {exc}")
-    version = int(ext.cuda_version())
-    status = ext.runtime_status()
-    return dict(built=True, archs=ext.CUDA_ARCHS, cuda_version=f"{version // 1000}.{version % 1000 // 10}",
-                runtime_status=status or "ok: the extension's CUDA runtime sees a usable GPU")
-
 
 def _driver_versions() -> dict:
     out = {}
@@ -113,29 +103,7 @@ def collect_versions() -> dict:
         simcse_kernels=__version__, python=sys.version.split()[0], platform=platform.platform(),
         torch=torch.__version__, torch_cuda=torch.version.cuda, torch_hip=getattr(torch.version, "hip", None),
         triton=triton_version, cuda_available=torch.cuda.is_available(), gpus=gpus, **_driver_versions(),
-        cuda_extension=_cuda_ext_info(), environment=env)
-
-
-def short_environment(device: torch.device | str) -> str:
-    """One line of versions and the GPU of ``device`` (for warnings and errors)."""
-    device = torch.device(device)
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "none"
-    parts = [f"torch {torch.__version__} (CUDA {torch.version.cuda})", f"triton {triton_version}",
-             f"python {sys.version.split()[0]}", f"simcse_kernels {__version__}"]
-    ext = _cuda_ext_info()
-    parts.append(f"_cuda_ext CUDA {ext['cuda_version']} sm {ext['archs']}" if ext["built"] else "_cuda_ext not built")
-    if device.type == "cuda" and torch.cuda.is_available():
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        major, minor = torch.cuda.get_device_capability(index)
-        parts.append(f"GPU {torch.cuda.get_device_name(index)} (sm_{major}{minor})")
-    else:
-        parts.append(f"device {device}")
-    return ", ".join(parts)
+        cuda_extension=cuda_ext_info(), environment=env)
 
 
 def backend_table(device: torch.device) -> list[dict]:
@@ -376,6 +344,21 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def json_path_problem(path: str) -> str | None:
+    """Why the report cannot be written to ``path`` (checked before the run), or None."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return "is a directory"
+    if not os.path.isdir(parent):
+        return f"the folder {parent} does not exist" if not os.path.exists(parent) else f"{parent} is not a folder"
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            return "the file is not writable"
+    elif not os.access(parent, os.W_OK | os.X_OK):
+        return f"the folder {parent} is not writable"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry (``python -m simcse_kernels``); returns the exit status."""
     parser = argparse.ArgumentParser(
@@ -390,11 +373,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", action="append", choices=list(MODES), help="parity mode (repeatable)")
     parser.add_argument("--no-timing", action="store_true", help="skip the timing table")
     args = parser.parse_args(argv)
+    if args.json:
+        problem = json_path_problem(args.json)
+        if problem:
+            print(f"{parser.prog}: error: --json {args.json}: {problem}", file=sys.stderr)
+            return 2  # before the check runs
     report = build_report(args.device, backends=args.backend, dtypes=args.dtype, modes=args.mode,
                           timing=not args.no_timing)
     print(format_report(report))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2, default=str)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2, default=str)
+        except OSError as exc:
+            print(f"{parser.prog}: error: --json {args.json}: cannot write the report: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            return 2
         print(f"report written to {args.json}")
     return 0 if report["ok"] else 1

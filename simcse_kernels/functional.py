@@ -6,7 +6,7 @@ import torch
 
 from .backends import resolve_backend
 from .ops.chunked import chunked_per_row_loss, chunked_scalar_loss
-from .ops.features import normalized_features
+from .ops.features import normalized_features, without_huge_rows
 from .options import InfoNCEOptions, Temperature
 from .reference import reduce_loss, reference_loss
 from .selfcheck import checked_backend
@@ -100,6 +100,7 @@ def info_nce_with_options(
     backend = resolve_backend(options.backend, anchors.device, _n_logits(anchors, positives, negatives, options))
     if backend == "naive":
         return reference_loss(anchors, positives, negatives, labels, options)
+    anchors, positives, negatives = without_huge_rows(anchors, positives, negatives, options)
     if options.has_margin or options.similarity != "cosine":
         # TODO(issue 21): margins / dot similarity in the torch, triton and cuda backends
         if options.backend == "auto":

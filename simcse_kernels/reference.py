@@ -5,7 +5,9 @@ This file is the one place where the math of every option is written down.
 Notation
 --------
 ``a`` (N, D) anchors, ``p`` (P, D) positives (P = N in the usual case), ``n`` (K, D) optional
-negatives, ``x̂ = x / max(‖x‖, eps)`` (``F.normalize``; a zero vector stays zero, no NaN), and
+negatives, ``x̂ = x / max(‖x‖, eps)`` (``F.normalize``; a zero vector stays zero, no NaN; a row with
+|x| >= 2^40 is first scaled by an exact power of two, :func:`huge_row_scale`, so no norm
+overflows), and
 temperature ``tau``. Candidates are ``c = [p; n]`` (M = P + K rows); row ``i``'s target is column
 ``l_i = labels[i]`` (default ``i``).
 
@@ -80,10 +82,38 @@ from .validation import validate_inputs
 NORM_EPS = 1e-12
 #: ArcFace's clamp of the target cosine before acos (keeps f'(c) finite at c = ±1)
 ARC_COS_CLAMP = 1e-7
+#: a row whose largest |x| reaches this is scaled by a power of two before its norm (see ``huge_row_scale``)
+HUGE_ROW = 2.0 ** 40
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def huge_row_scale(x: torch.Tensor, per_tensor: bool = False) -> torch.Tensor:
+    """The power of two ``2^-e`` (shape (rows, 1), dtype of ``x``) that brings a huge row's max |x| into [0.5, 1).
+
+    ``e`` is the binary exponent of the row's largest |x| (``torch.frexp``). Rows below ``HUGE_ROW``
+    (2^40) get 1. The cosine is scale-invariant, so ``x * scale`` has the same cosines and, with the
+    scale held constant (detached), the same first and second derivatives; a power of two makes the
+    product exact. Without it, fp32 rows with |x| >= 1e19 overflow the sum of squares (and the raw
+    dots of the fused kernels). Tiny rows need nothing: their norm is below ``NORM_EPS``, where
+    ``F.normalize`` divides by the constant eps anyway. ``per_tensor``: one scale for the whole tensor
+    (the largest row's), for MixCSE's mixtures of neighbouring rows, whose direction a per-row scale
+    would change.
+    """
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    amax = x.detach().abs().to(compute)
+    amax = amax.amax().reshape(1, 1) if per_tensor else amax.amax(dim=-1, keepdim=True)
+    _, exponent = torch.frexp(amax)
+    one = torch.ones_like(amax, dtype=torch.float64)
+    scale = torch.where(amax >= HUGE_ROW, torch.pow(2.0, -exponent.to(torch.float64)), one)
+    return scale.to(x.dtype)
+
+
+def unit_rows_reference(x: torch.Tensor) -> torch.Tensor:
+    """``x̂ = x / max(‖x‖, eps)``: ``F.normalize`` after ``huge_row_scale`` (no overflow up to finfo.max)."""
+    return F.normalize(x * huge_row_scale(x), dim=-1, eps=NORM_EPS)
 
 
 def mixed_features(x: torch.Tensor, mix_lambda: float) -> torch.Tensor:
@@ -114,7 +144,7 @@ def margin_target_grad(cos: torch.Tensor, angular_margin: float) -> torch.Tensor
 
 
 def _similarity_features(x: torch.Tensor, options: InfoNCEOptions) -> torch.Tensor:
-    return x if options.similarity == "dot" else F.normalize(x, dim=-1, eps=NORM_EPS)
+    return x if options.similarity == "dot" else unit_rows_reference(x)
 
 
 def reference_logits(
@@ -152,10 +182,10 @@ def reference_logits(
         blocks.append((a @ a.T / tau).masked_fill(eye.bool(), float("-inf")))
     if options.mix_lambda is not None:
         lam = options.mix_lambda
-        mix3 = F.normalize(mixed_features(positives.to(dt), lam), dim=-1, eps=NORM_EPS)
+        mix3 = unit_rows_reference(mixed_features(positives.to(dt), lam))
         keep3 = 1.0 - torch.roll(eye, shifts=1, dims=0)  # zero at (i, i-1)
         blocks.append(keep3 * (a @ mix3.T / tau) + w * eye)
-        mix4 = F.normalize(mixed_features(anchors.to(dt), lam), dim=-1, eps=NORM_EPS)
+        mix4 = unit_rows_reference(mixed_features(anchors.to(dt), lam))
         keep4 = 1.0 - torch.roll(eye, shifts=1, dims=1)  # zero at (i, i+1)
         blocks.append(keep4 * (mix4 @ p.T / tau) + w * eye)
     logits = torch.cat(blocks, dim=1)

@@ -42,6 +42,7 @@ import warnings
 
 import torch
 
+from .environment import short_environment
 from .errors import SelfCheckError
 from .options import InfoNCEOptions
 from .tolerances import compare_loss_and_grads, temperature_grad_floor, weighted_backward
@@ -252,8 +253,6 @@ def _describe_key(key: tuple) -> str:
 
 def failure_message(result: SelfCheckResult, explicit: bool) -> str:
     """The warning / error text of a failed check."""
-    from .diagnostics import short_environment
-
     device = torch.device(result.key[1])
     head = (f"simcse_kernels self-check: backend {result.backend!r} disagrees with the 'torch' backend on "
             f"{result.shapes} for {_describe_key(result.key)}: {result.failures()}.")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .options import InfoNCEOptions
+from .options import InfoNCEOptions, Temperature
 
 
 def _check_matrix(name: str, x: object) -> torch.Tensor:
@@ -15,6 +17,39 @@ def _check_matrix(name: str, x: object) -> torch.Tensor:
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     return x
+
+
+def check_temperature_for_dtype(temperature: Temperature, dtype: torch.dtype) -> None:
+    """Raise unless ``temperature`` and ``1/temperature`` are normal finite floats in the compute dtype.
+
+    The compute dtype is fp32 for fp16/bf16/fp32 inputs and fp64 for fp64 inputs. A temperature below
+    the dtype's smallest normal (fp32: 1.2e-38) is subnormal or rounds to 0, and one whose reciprocal
+    overflows makes every logit infinite: both end in a NaN loss. The check also bounds ``1/tau²``
+    (the learnable temperature's gradient factor) where it would overflow, so that gradient never
+    becomes infinite silently. A tensor temperature inside ``torch.compile`` or on the meta device has
+    no value to read and is not checked here.
+    """
+    if isinstance(temperature, torch.Tensor):
+        if temperature.device.type == "meta" or torch.compiler.is_compiling():
+            return
+        value = float(temperature.detach().reshape(()).double().item())
+        learnable = temperature.requires_grad
+    else:
+        value = float(temperature)
+        learnable = False
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    info = torch.finfo(compute)
+    stored = float(torch.tensor(value, dtype=torch.float64).to(compute).item())  # tau as the kernels see it
+    if not (stored >= info.tiny and math.isfinite(1.0 / stored) and 1.0 / stored <= info.max):
+        raise ValueError(
+            f"temperature {value!r} is not usable with {dtype} inputs: in {compute} (the compute dtype) "
+            f"tau must be a normal float (>= {info.tiny:.3g}) with a finite 1/tau (tau >= {1.0 / info.max:.3g})"
+        )
+    if learnable and 1.0 / stored > math.sqrt(info.max):
+        raise ValueError(
+            f"learnable temperature {value!r} is too small for {dtype} inputs: its gradient carries 1/tau², "
+            f"which overflows {compute} (need tau >= {1.0 / math.sqrt(info.max):.3g})"
+        )
 
 
 def validate_inputs(
@@ -65,6 +100,7 @@ def validate_inputs(
     tau = options.temperature
     if isinstance(tau, torch.Tensor) and tau.device != anchors.device and tau.device.type != "cpu":
         raise ValueError(f"temperature is on {tau.device} but anchors is on {anchors.device}")
+    check_temperature_for_dtype(tau, anchors.dtype)
 
     k = 0 if negatives is None else negatives.shape[0]
     if options.mix_lambda is not None and p != n:
@@ -73,6 +109,13 @@ def validate_inputs(
         raise ValueError(
             "hard_negative_weight is set but there are no hard negatives (negatives=None) "
             "and no MixCSE blocks to weight"
+        )
+
+    if options.hard_negative_weight != 0.0 and 0 < k < n:
+        raise ValueError(
+            f"hard_negative_weight pairs anchor i with negative i (column P + i), so it needs at least as "
+            f"many negatives as anchors: got K={k} negatives for N={n} anchors (rows after N are shared "
+            "negatives; K >= N is allowed)"
         )
 
     if labels is None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import refuse_double_backward
 from .budget import budget_is_set, chunk_budget_bytes, rows_per_chunk
 from .features import LogitBlock, NormalizedFeatures, logit_blocks
 
@@ -108,6 +109,7 @@ class ChunkedInfoNCEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        refuse_double_backward('torch', torch.is_grad_enabled(), torch.compiler.is_compiling())
         anchors, positives, negatives, mix3, mix4, tau, labels, lse, col_lse, target_cos = ctx.saved_tensors
         w, anchor_negatives, symmetric, chunk_size = ctx.options
         tensors = {"anchors": anchors, "positives": positives, "negatives": negatives, "mix3": mix3, "mix4": mix4}
@@ -497,6 +499,7 @@ class RowChunkedInfoNCEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        refuse_double_backward('torch', torch.is_grad_enabled(), torch.compiler.is_compiling())
         saved = [x if present else None for x, present in zip(ctx.saved_tensors, ctx.present)]
         d_a, d_p, d_n, d_tau = (None if x is None else x * grad_loss.to(x.dtype) for x in saved)
         return d_a, d_p, d_n, None, None, d_tau, None, None, None, None, None, None, None, None

@@ -73,7 +73,7 @@ import importlib
 
 import torch
 
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, refuse_double_backward
 from ..options import InfoNCEOptions
 from ..reference import mixed_features, reduce_loss
 from .budget import chunk_budget_bytes, rows_per_chunk
@@ -465,6 +465,7 @@ class CudaInfoNCEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        refuse_double_backward('cuda', torch.is_grad_enabled(), torch.compiler.is_compiling())
         anchors, positives, negatives, mix3, mix4, tau, labels, lse, col_lse, target_cos = ctx.saved_tensors
         w, anchor_negatives, symmetric, chunk_budget_mib = ctx.options
         g = grad_loss.float().contiguous()

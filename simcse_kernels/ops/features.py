@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..options import InfoNCEOptions
-from ..reference import NORM_EPS, mixed_features
+from ..reference import NORM_EPS, huge_row_scale, mixed_features
 from .normalize import unit_rows
 
 
@@ -48,6 +48,32 @@ def temperature_tensor(options: InfoNCEOptions, device: torch.device, dtype: tor
     if isinstance(tau, torch.Tensor):
         return tau.reshape(()).to(device=device, dtype=dtype)
     return torch.tensor(float(tau), device=device, dtype=dtype)
+
+
+def without_huge_rows(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor | None,
+    options: InfoNCEOptions,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The inputs with every row whose max |x| reaches 2^40 scaled by an exact power of two.
+
+    Same cosines and gradients (the scale is detached; :func:`~simcse_kernels.reference.huge_row_scale`),
+    but no norm or raw dot of the torch, Triton and CUDA backends overflows up to finfo.max. With
+    MixCSE one scale per tensor keeps the mixtures' directions. When no row is huge (checked with one
+    device sync, skipped inside ``torch.compile``, where the scales are always applied) the inputs come
+    back unchanged, so no copy is made. ``similarity="dot"`` returns the inputs as they are.
+    """
+    if options.similarity == "dot":  # raw dot products are not scale-invariant: nothing to rescale
+        return anchors, positives, negatives
+    per_tensor = options.mix_lambda is not None
+    tensors = (anchors, positives, negatives)
+    scales = [None if t is None else huge_row_scale(t, per_tensor) for t in tensors]
+    if anchors.device.type != "meta" and not torch.compiler.is_compiling():
+        if not bool(torch.stack([(sc != 1).any() for sc in scales if sc is not None]).any()):
+            return anchors, positives, negatives
+    anchors, positives, negatives = (None if t is None else t * sc for t, sc in zip(tensors, scales))
+    return anchors, positives, negatives
 
 
 def normalized_features(

@@ -131,6 +131,7 @@ import os
 
 import torch
 
+from ..errors import refuse_double_backward
 from ..reference import mixed_features, reduce_loss
 from .budget import chunk_budget_bytes, rows_per_chunk
 from .features import compute_dtype_for, temperature_tensor
@@ -701,6 +702,7 @@ class TritonInfoNCEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        refuse_double_backward('triton', torch.is_grad_enabled(), torch.compiler.is_compiling())
         anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse = ctx.saved_tensors
         w, anchor_negatives, symmetric, chunk_budget_mib, mix_lambda = ctx.options
         need = ctx.needs_input_grad

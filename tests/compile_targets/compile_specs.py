@@ -26,12 +26,14 @@ a table is printed to stdout.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import importlib
 import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,7 +43,10 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-_CACHE = tempfile.mkdtemp(prefix="simcse_compile_specs_")
+_CACHE = os.environ.get("SIMCSE_COMPILE_SPECS_CACHE")
+if _CACHE is None:  # this process owns the cache: removed at exit (workers inherit the variable)
+    _CACHE = os.environ["SIMCSE_COMPILE_SPECS_CACHE"] = tempfile.mkdtemp(prefix="simcse_compile_specs_")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ["TRITON_CACHE_DIR"] = _CACHE  # private cache: every compile runs ptxas (and logs)
 os.environ["TRITON_ALWAYS_COMPILE"] = "1"
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"

@@ -101,12 +101,12 @@ def info_nce_with_options(
     if backend == "naive":
         return reference_loss(anchors, positives, negatives, labels, options)
     anchors, positives, negatives = without_huge_rows(anchors, positives, negatives, options)
-    if options.has_margin or options.similarity != "cosine":
-        # TODO(issue 21): margins / dot similarity in the torch, triton and cuda backends
-        if options.backend == "auto":
-            return reference_loss(anchors, positives, negatives, labels, options)
-        raise NotImplementedError(f"margin, angular_margin and similarity='dot' are not yet implemented in "
-                                  f"backend {backend!r}; use backend='naive'")
+    if backend in ("triton", "cuda") and (options.has_margin or options.similarity != "cosine"):
+        # TODO(issue 21): margins / dot similarity in the triton and cuda backends
+        if options.backend != "auto":
+            raise NotImplementedError(f"margin, angular_margin and similarity='dot' are not yet implemented in "
+                                  f"backend {backend!r}; use backend='torch' or 'naive'")
+        backend = "torch"  # auto: the chunked torch backend implements them
     if backend in ("triton", "cuda"):  # first use of this option set: compare with "torch" (selfcheck.py)
         backend = checked_backend(backend, options.backend != "auto", anchors, positives, negatives, labels,
                                   options)
@@ -121,8 +121,10 @@ def info_nce_with_options(
     feats = normalized_features(anchors, positives, negatives, options)
     if options.reduction != "none":  # gradient formed in the forward pass (3 GEMM-equivalents)
         return chunked_scalar_loss(feats, labels, options.hard_negative_weight, options.anchor_negatives,
-                                   options.symmetric, options.reduction, options.chunk_budget_mib)
+                                   options.symmetric, options.reduction, options.chunk_budget_mib,
+                                   margin=options.margin, angular_margin=options.angular_margin)
     per_row = chunked_per_row_loss(
-        feats, labels, options.hard_negative_weight, options.anchor_negatives, options.symmetric
+        feats, labels, options.hard_negative_weight, options.anchor_negatives, options.symmetric,
+        margin=options.margin, angular_margin=options.angular_margin,
     )
     return reduce_loss(per_row, options.reduction)

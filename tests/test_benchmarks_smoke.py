@@ -178,3 +178,23 @@ def test_max_batch_and_matmul_peak(tmp_path):
     _run(["benchmarks/matmul_peak.py", "--device", "cpu", "--size", "128", "--seconds", "0.1", "--out", str(out)])
     peak = json.loads((out / "matmul_peak.json").read_text())
     assert peak["rows"][0]["tflops_median"] > 0
+
+
+def test_bench_margin_smoke(tmp_path):
+    """benchmarks/bench_margin.py at tiny sizes: one row per (C, provider), ours equal to naive
+    (same seeded class matrix and inputs), PML equal too where installed, files written."""
+    out = tmp_path / "margin"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, str(BENCH / "bench_margin.py"), "--n", "8", "--dim", "16", "--classes", "64",
+                    "128", "--out", str(out)], check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)
+    result = json.loads((out / "margin.json").read_text())
+    rows = {(r["classes"], r["provider"]): r for r in result["rows"]}
+    assert set(rows) == {(c, p) for c in (64, 128) for p in ("ours", "pml", "naive")}
+    for c in (64, 128):
+        ours, naive, pml = rows[(c, "ours")], rows[(c, "naive")], rows[(c, "pml")]
+        assert ours["seconds"] > 0 and "extra_peak_mb" in ours
+        assert abs(ours["loss"] - naive["loss"]) <= 1e-4 * abs(naive["loss"])
+        if "skipped" not in pml:
+            assert abs(ours["loss"] - pml["loss"]) <= 1e-4 * abs(pml["loss"])
+    md = (out / "margin.md").read_text()
+    assert "load average" in md and "| 128 | ours |" in md

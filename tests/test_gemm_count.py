@@ -169,3 +169,26 @@ def test_bad_arguments():
         gc.count_flops("cuda", "unsup", N, 128)
     with pytest.raises(ValueError, match="mode"):
         gc.count_flops("torch", "nope", N, 128)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("mode", list(gc.MARGIN_MODES))
+def test_torch_margins_add_no_gemm(mode, reduction):
+    """Margin softmax (issue 21) on the torch backend: exactly the count of the same mode without the
+    margins (the target entry's f'(c) correction is rank-1 per row, not a GEMM), so at most 3
+    GEMM-equivalents (symmetric as without margins: 3 in one chunk, <= 4 in several)."""
+    n, d = N, 128
+    margined = gc.count_gemm_equivalents("torch", mode, n, d, reduction=reduction)
+    plain_opts = {k: v for k, v in gc.MODES[mode].items() if k not in ("margin", "angular_margin", "similarity")}
+    gc.MODES["_plain"] = plain_opts
+    try:
+        plain = gc.count_gemm_equivalents("torch", "_plain", n, d, reduction=reduction)
+    finally:
+        del gc.MODES["_plain"]
+    assert margined == pytest.approx(plain, rel=1e-12)
+    assert margined <= _bound("torch", mode)
+    if not gc.MODES[mode].get("symmetric"):
+        assert margined <= 3.0 + 1e-9
+    # several row chunks (tiny budget): still no GEMM beyond the plain path's
+    chunked_count = gc.count_gemm_equivalents("torch", mode, 40, 96, chunk_budget_mib=0.02)
+    assert chunked_count <= _bound("torch", mode)

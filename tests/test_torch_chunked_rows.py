@@ -45,9 +45,9 @@ def count_chunks(monkeypatch) -> list:
     calls = []
     fill = chunked._fill_logits
 
-    def spy(buf, rows_s, mix4_s, cols, lay, r0, r1, w):
+    def spy(buf, rows_s, mix4_s, cols, lay, r0, r1, *rest):
         calls.append((r0, r1))
-        return fill(buf, rows_s, mix4_s, cols, lay, r0, r1, w)
+        return fill(buf, rows_s, mix4_s, cols, lay, r0, r1, *rest)
 
     monkeypatch.setattr(chunked, "_fill_logits", spy)
     return calls

@@ -30,14 +30,53 @@ Works on any device.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..errors import refuse_double_backward
+from ..reference import margin_target_grad, margin_target_logit_cos
 from .budget import budget_is_set, chunk_budget_bytes, rows_per_chunk
 from .features import LogitBlock, NormalizedFeatures, logit_blocks
 
 #: logits per chunk: 2M (8 MiB fp32) on CPU; 16M (64 MiB) on GPUs, where launches cost more
 CHUNK_LOGITS = {"cpu": 1 << 21, "cuda": 1 << 24}
+
+
+class TargetMargin(NamedTuple):
+    """The margins' effect on each row's target entry ``(i, l_i)`` (math: :mod:`simcse_kernels.reference`).
+
+    Attributes (each (N,), compute dtype, detached):
+        delta: added to the plain target logit ``c/tau``: ``(f(c) − m − c) / tau``.
+        shift: ``f(c) − m − c`` (the temperature gradient of the target is ``−dS·(c + shift)/tau²``).
+        slope: ``f'(c)``; the plain logit passes ``dS·ĉ/tau``, the target ``dS·f'(c)·ĉ/tau``.
+    """
+
+    delta: torch.Tensor
+    shift: torch.Tensor
+    slope: torch.Tensor
+
+
+def target_margin(anchors, candidates, labels, tau, margin: float, angular_margin: float) -> TargetMargin | None:
+    """:class:`TargetMargin` of rows ``anchors`` (N, D) against ``candidates[labels]`` ((P + K, D)),
+    or None when both margins are 0. O(N·D): one dot per row, no GEMM."""
+    if not margin and not angular_margin:
+        return None
+    with torch.no_grad():
+        cos = (anchors * candidates[labels]).sum(dim=1)
+        shift = margin_target_logit_cos(cos, margin, angular_margin) - cos
+        return TargetMargin(delta=shift / tau, shift=shift, slope=margin_target_grad(cos, angular_margin))
+
+
+def _add_target_delta(block: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, j0: int) -> None:
+    """``block[i, labels[i] − j0] += delta[i]`` for the rows whose target lies in the block's columns
+    [j0, j0 + width) (in place; others get 0 added at a clamped column, no host sync)."""
+    width = block.shape[1]
+    local = labels - j0
+    inside = (local >= 0) & (local < width)
+    rows = torch.arange(block.shape[0], device=block.device)
+    block.index_put_((rows, local.clamp(0, width - 1)), torch.where(inside, delta, torch.zeros_like(delta)),
+                     accumulate=True)
 
 
 def default_chunk_size(n_rows: int, device_type: str = "cpu") -> int:
@@ -53,12 +92,21 @@ def _chunk(
     j1: int,
     tau: torch.Tensor,
     w: float,
+    labels: torch.Tensor | None = None,
+    margins: TargetMargin | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """Cosines, logits and the (rows, cols) index of constant logits for columns [j0, j1)."""
+    """Cosines, logits and the (rows, cols) index of constant logits for columns [j0, j1).
+
+    With ``margins``, the target entries ``(i, labels[i])`` of the positives / negatives blocks get
+    ``margins.delta`` (``cos`` stays the plain cosine).
+    """
     rows = tensors[block.rows]
     cos = rows @ tensors[block.cols][j0:j1].T
     logits = cos / tau
     n = rows.shape[0]
+    if margins is not None and block.rows == "anchors" and block.cols in ("positives", "negatives"):
+        offset = 0 if block.cols == "positives" else tensors["positives"].shape[0]
+        _add_target_delta(logits, labels, margins.delta, j0 + offset)
     if block.pattern == "none":
         return cos, logits, None
     cols = torch.arange(j0, j1, device=rows.device)
@@ -82,36 +130,40 @@ class ChunkedInfoNCEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives,
-                symmetric, chunk_size):
+                symmetric, chunk_size, margin=0.0, angular_margin=0.0):
         tensors = {"anchors": anchors, "positives": positives, "negatives": negatives, "mix3": mix3, "mix4": mix4}
         n, n_pos = anchors.shape[0], positives.shape[0]
+        candidates = positives if negatives is None else torch.cat([positives, negatives])
+        margins = target_margin(anchors, candidates, labels, tau, margin, angular_margin)
         lse = torch.full((n,), float("-inf"), device=anchors.device, dtype=anchors.dtype)
         col_lse = torch.empty(n_pos, device=anchors.device, dtype=anchors.dtype) if symmetric else None
         for block in logit_blocks(negatives is not None, anchor_negatives, mix3 is not None):
             width = tensors[block.cols].shape[0]
             for j0 in range(0, width, chunk_size):
                 j1 = min(j0 + chunk_size, width)
-                _, logits, _ = _chunk(block, tensors, j0, j1, tau, w)
+                _, logits, _ = _chunk(block, tensors, j0, j1, tau, w, labels, margins)
                 lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
                 if symmetric and block.cols == "positives" and block.rows == "anchors":
                     col_lse[j0:j1] = torch.logsumexp(logits, dim=0)
-        candidates = positives if negatives is None else torch.cat([positives, negatives])
         target_cos = (anchors * candidates[labels]).sum(dim=1)
-        target = target_cos / tau
+        target = target_cos / tau if margins is None else (target_cos + margins.shift) / tau
         if negatives is not None and w != 0.0:
-            target = target + w * (labels == n_pos + torch.arange(n, device=labels.device))
+            target = target + w * (labels == n_pos + torch.arange(n, device=labels.device)).to(target.dtype)
         loss = lse - target
         if symmetric:
             loss = 0.5 * (loss + col_lse[labels] - target)
-        ctx.save_for_backward(anchors, positives, negatives, mix3, mix4, tau, labels, lse, col_lse, target_cos)
+        ctx.save_for_backward(anchors, positives, negatives, mix3, mix4, tau, labels, lse, col_lse, target_cos,
+                              target)
         ctx.options = (w, anchor_negatives, symmetric, chunk_size)
+        ctx.margins = margins
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         refuse_double_backward('torch', torch.is_grad_enabled(), torch.compiler.is_compiling())
-        anchors, positives, negatives, mix3, mix4, tau, labels, lse, col_lse, target_cos = ctx.saved_tensors
+        anchors, positives, negatives, mix3, mix4, tau, labels, lse, col_lse, target_cos, target = ctx.saved_tensors
         w, anchor_negatives, symmetric, chunk_size = ctx.options
+        margins = ctx.margins
         tensors = {"anchors": anchors, "positives": positives, "negatives": negatives, "mix3": mix3, "mix4": mix4}
         g = grad_loss.to(anchors.dtype)
         row_weight = 0.5 * g if symmetric else g
@@ -126,7 +178,7 @@ class ChunkedInfoNCEFunction(torch.autograd.Function):
             width = tensors[block.cols].shape[0]
             for j0 in range(0, width, chunk_size):
                 j1 = min(j0 + chunk_size, width)
-                cos, logits, const = _chunk(block, tensors, j0, j1, tau, w)
+                cos, logits, const = _chunk(block, tensors, j0, j1, tau, w, labels, margins)
                 d_logits = row_weight[:, None] * torch.exp(logits - lse[:, None])
                 if symmetric and block.cols == "positives" and block.rows == "anchors":
                     d_logits += col_weight[None, j0:j1] * torch.exp(logits - col_lse[None, j0:j1])
@@ -137,11 +189,23 @@ class ChunkedInfoNCEFunction(torch.autograd.Function):
                 if block.cols in grads:
                     grads[block.cols][j0:j1] += d_logits.T @ tensors[block.rows]
                 dtau_cos += (d_logits * cos).sum()
-        # Target logits: d/ds_{i,l_i} = -g_i (row and column parts together).
+        # Target logits: d/ds_{i,l_i} = -g_i (row and column parts together). With margins the
+        # target logit is (c + shift)/tau with slope f'(c): the chunks passed its softmax part
+        # `soft` as if the slope were 1, so the target adds (dS_t·f' − soft) (dS_t = soft − g).
         n_pos = positives.shape[0]
         candidates = positives if negatives is None else torch.cat([positives, negatives])
-        grads["anchors"] -= g[:, None] * candidates[labels]
-        d_candidates = torch.zeros_like(candidates).index_add_(0, labels, -g[:, None] * anchors)
+        coef = -g
+        if margins is not None:
+            soft = row_weight * torch.exp(target - lse)
+            if symmetric:
+                in_pos = labels < n_pos
+                col = labels.clamp(max=n_pos - 1)
+                soft = soft + torch.where(in_pos, col_weight[col] * torch.exp(target - col_lse[col]),
+                                          torch.zeros_like(soft))
+            coef = (soft - g) * margins.slope - soft
+            dtau_cos += ((soft - g) * margins.shift).sum()
+        grads["anchors"] += coef[:, None] * candidates[labels]
+        d_candidates = torch.zeros_like(candidates).index_add_(0, labels, coef[:, None] * anchors)
         grads["positives"] += d_candidates[:n_pos]
         if negatives is not None:
             grads["negatives"] += d_candidates[n_pos:]
@@ -154,7 +218,7 @@ class ChunkedInfoNCEFunction(torch.autograd.Function):
             None,
             None,
             d_tau,
-            None, None, None, None, None,
+            None, None, None, None, None, None, None,
         )
 
 
@@ -165,12 +229,17 @@ def chunked_per_row_loss(
     anchor_negatives: bool,
     symmetric: bool,
     chunk_size: int | None = None,
+    margin: float = 0.0,
+    angular_margin: float = 0.0,
 ) -> torch.Tensor:
-    """Per-anchor losses (N,) in the compute dtype, differentiable w.r.t. the features and tau."""
+    """Per-anchor losses (N,) in the compute dtype, differentiable w.r.t. the features and tau.
+
+    ``margin`` / ``angular_margin`` act on each row's target entry (see :mod:`simcse_kernels.reference`).
+    """
     chunk = chunk_size or default_chunk_size(feats.anchors.shape[0], feats.anchors.device.type)
     return ChunkedInfoNCEFunction.apply(
         feats.anchors, feats.positives, feats.negatives, feats.mix3, feats.mix4, feats.tau, labels,
-        float(hard_negative_weight), anchor_negatives, symmetric, chunk,
+        float(hard_negative_weight), anchor_negatives, symmetric, chunk, float(margin), float(angular_margin),
     )
 
 
@@ -262,14 +331,16 @@ class _Layout:
         self.m = self.mc + (n if mix else 0)
 
 
-def _fill_logits(buf, rows_s, mix4_s, cols, lay: _Layout, r0: int, r1: int, w: float):
+def _fill_logits(buf, rows_s, mix4_s, cols, lay: _Layout, r0: int, r1: int, w: float, labels=None,
+                 delta=None):
     """Logits of anchor rows [r0, r1) into ``buf`` (R, M_total); returns the flat indices of
     constant (MixCSE-masked) entries, or None.
 
     Args:
         buf: (R, M_total) contiguous output; rows_s: (N, D) â / tau; mix4_s: (N, D) or None;
         cols: (mc, D) concatenated column operands [p̂; n̂; â; mix3̂]; lay: the layout; w: the
-        hard-negative weight.
+        hard-negative weight; labels (N,) and delta (N,) or None: the margins' change of each
+        target logit (:class:`TargetMargin`).
     """
     dev = buf.device
     m = lay.m
@@ -283,6 +354,8 @@ def _fill_logits(buf, rows_s, mix4_s, cols, lay: _Layout, r0: int, r1: int, w: f
     n_hard = min(r1, lay.k) - r0  # rows of this chunk that have a paired hard negative
     if n_hard > 0 and w != 0.0:
         flat[(base + lay.p + glob)[:n_hard]] += w
+    if delta is not None:
+        flat[base + labels[r0:r1]] += delta[r0:r1]
     if lay.o_self is not None:
         flat[base + lay.o_self + glob] = float("-inf")
     if lay.o_mix3 is None:
@@ -314,7 +387,8 @@ def _column_exp_(s: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torc
     return colmax, out.sum(dim=0)
 
 
-def _column_lse(rows_s, mix4_s, cols, lay: _Layout, rows_per: int, buf, cache, w: float):
+def _column_lse(rows_s, mix4_s, cols, lay: _Layout, rows_per: int, buf, cache, w: float, labels=None,
+                delta=None):
     """Symmetric first pass: log-sum-exp over all anchors of each positive's column, (P,).
 
     Rows from ``lay.n - cache.shape[0]`` on (whole chunks) get their full logit rows filled into
@@ -330,18 +404,20 @@ def _column_lse(rows_s, mix4_s, cols, lay: _Layout, rows_per: int, buf, cache, w
         scratch = buf.view(-1)[: (r1 - r0) * lay.p].view(r1 - r0, lay.p)
         if r0 >= first_kept:
             rows = cache[r0 - first_kept: r1 - first_kept]
-            consts[r0] = _fill_logits(rows, rows_s, mix4_s, cols, lay, r0, r1, w)
+            consts[r0] = _fill_logits(rows, rows_s, mix4_s, cols, lay, r0, r1, w, labels, delta)
             s = rows[:, : lay.p]  # no constant entries in the positives block
         else:
             s = scratch
             torch.mm(rows_s[r0:r1], cols[: lay.p].T, out=s)
+            if delta is not None:
+                _add_target_delta(s, labels[r0:r1], delta[r0:r1], 0)
         colmax, colsum = _column_exp_(s, out=scratch)
         clse = torch.logaddexp(clse, colmax + colsum.log())
     return clse, consts
 
 
 def _scalar_pass(anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric,
-                 reduction_sum, rows_per, cache_rows, need):
+                 reduction_sum, rows_per, cache_rows, need, margin=0.0, angular_margin=0.0):
     """Loss and (when ``need`` asks) the unscaled gradients of the scalar-reduction path.
 
     Args:
@@ -350,7 +426,8 @@ def _scalar_pass(anchors, positives, negatives, mix3, mix4, tau, labels, w, anch
         w: hard-negative weight; anchor_negatives, symmetric: options; reduction_sum: "sum" (else
         "mean"); rows_per: R; cache_rows: trailing rows whose logits the symmetric first pass
         keeps (:func:`symmetric_cache_rows`; 0 for none); need: (anchors, positives, negatives,
-        tau) booleans.
+        tau) booleans; margin, angular_margin: the target-logit margins (:class:`TargetMargin`:
+        the target's own gradient terms are rank-1 per row, O(N·D), no extra GEMM).
 
     Returns:
         (loss (0-dim), grads dict or None). grads holds ``dA`` (N, D), ``dC`` (mg, D) (columns
@@ -369,6 +446,9 @@ def _scalar_pass(anchors, positives, negatives, mix3, mix4, tau, labels, w, anch
     mix4_s = None if mix4 is None else mix4 * inv_tau
     need_a, need_p, need_n, need_tau = need
     any_grad = any(need)
+    margins = target_margin(anchors, cols[: n_pos + n_neg], labels, tau, margin, angular_margin)
+    delta = None if margins is None else margins.delta
+    d_target = torch.empty(n, device=dev, dtype=dt) if margins is not None and any_grad else None
     buf_all = torch.empty(rows_per * lay.m, device=dev, dtype=dt)
     clse = cshift = log_counts = cache = None
     kept_consts = {}
@@ -379,7 +459,7 @@ def _scalar_pass(anchors, positives, negatives, mix3, mix4, tau, labels, w, anch
             if cache_rows > 0:
                 first_kept = n - cache_rows
                 cache = torch.empty(cache_rows, lay.m, device=dev, dtype=dt)
-            clse, kept_consts = _column_lse(rows_s, mix4_s, cols, lay, rows_per, buf_all, cache, w)
+            clse, kept_consts = _column_lse(rows_s, mix4_s, cols, lay, rows_per, buf_all, cache, w, labels, delta)
         counts = torch.zeros(n_pos, device=dev, dtype=dt).index_add_(
             0, labels, torch.ones(n, device=dev, dtype=dt))
         log_counts = torch.log(counts)  # -inf where no row targets the column: no column term
@@ -404,7 +484,7 @@ def _scalar_pass(anchors, positives, negatives, mix3, mix4, tau, labels, w, anch
             const = kept_consts[r0]
         else:
             buf = buf_all[: r * lay.m].view(r, lay.m)
-            const = _fill_logits(buf, rows_s, mix4_s, cols, lay, r0, r1, w)
+            const = _fill_logits(buf, rows_s, mix4_s, cols, lay, r0, r1, w, labels, delta)
         tcol = tbuf[: r * n_pos].view(r, n_pos) if symmetric and any_grad else None
         if symmetric and one_chunk:
             # the column terms count_j exp(s_ij - clse_j) from exp(s - colmax): no separate LSE pass
@@ -438,6 +518,8 @@ def _scalar_pass(anchors, positives, negatives, mix3, mix4, tau, labels, w, anch
         probs.view(-1)[tgt_idx] -= 2.0 if symmetric else 1.0
         if const is not None:
             probs.view(-1)[const] = 0.0
+        if d_target is not None:
+            d_target[r0:r1] = probs.view(-1)[tgt_idx]
         if grads["dA"] is not None:
             torch.mm(probs[:, : lay.mc], cols, out=grads["dA"][r0:r1])
         if grads["dC"] is not None:
@@ -455,7 +537,16 @@ def _scalar_pass(anchors, positives, negatives, mix3, mix4, tau, labels, w, anch
             dot = (anchors * grads["dA"]).sum()
             if grads["dPmix"] is not None:
                 dot = dot + (positives * grads["dPmix"]).sum()
+            if d_target is not None:  # a target logit is (c + shift)/tau: the dot above has its c
+                dot = dot + (d_target * margins.shift).sum()
             grads["dtau"] = -scale * dot / (tau * tau)
+        if d_target is not None:
+            # the GEMMs passed the target's dS with slope 1; f'(c) needs (f'(c) − 1)·dS more, rank-1 per row
+            coef = (d_target * (margins.slope - 1.0))[:, None]
+            if grads["dA"] is not None:
+                grads["dA"] += coef * cols[: n_pos + n_neg][labels]
+            if grads["dC"] is not None:
+                grads["dC"].index_add_(0, labels, coef * anchors)
     return loss, grads
 
 
@@ -471,9 +562,9 @@ class RowChunkedInfoNCEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric,
-                reduction_sum, rows_per, cache_rows, need):
+                reduction_sum, rows_per, cache_rows, need, margin=0.0, angular_margin=0.0):
         loss, grads = _scalar_pass(anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives,
-                                   symmetric, reduction_sum, rows_per, cache_rows, need)
+                                   symmetric, reduction_sum, rows_per, cache_rows, need, margin, angular_margin)
         n_pos, n_neg = positives.shape[0], 0 if negatives is None else negatives.shape[0]
         need_a, need_p, need_n, need_tau = need
         factor = grads["scale"] / tau
@@ -502,7 +593,7 @@ class RowChunkedInfoNCEFunction(torch.autograd.Function):
         refuse_double_backward('torch', torch.is_grad_enabled(), torch.compiler.is_compiling())
         saved = [x if present else None for x, present in zip(ctx.saved_tensors, ctx.present)]
         d_a, d_p, d_n, d_tau = (None if x is None else x * grad_loss.to(x.dtype) for x in saved)
-        return d_a, d_p, d_n, None, None, d_tau, None, None, None, None, None, None, None, None
+        return d_a, d_p, d_n, None, None, d_tau, None, None, None, None, None, None, None, None, None, None
 
 
 def chunked_scalar_loss(
@@ -514,6 +605,8 @@ def chunked_scalar_loss(
     reduction: str,
     chunk_budget_mib: float | None = None,
     rows_per: int | None = None,
+    margin: float = 0.0,
+    angular_margin: float = 0.0,
 ) -> torch.Tensor:
     """The reduced (``"mean"``/``"sum"``) loss, 0-dim in the compute dtype, on the row-chunked path.
 
@@ -524,6 +617,7 @@ def chunked_scalar_loss(
         reduction: "mean" or "sum".
         chunk_budget_mib: budget of the (R, M) chunk (None: env var or 256 MiB).
         rows_per: R, overriding the budget (tests).
+        margin, angular_margin: the target-logit margins (see :mod:`simcse_kernels.reference`).
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"chunked_scalar_loss needs reduction 'mean' or 'sum', got {reduction!r}")
@@ -547,7 +641,9 @@ def chunked_scalar_loss(
     if not any(need):
         with torch.no_grad():
             loss, _ = _scalar_pass(a, p, neg, feats.mix3, feats.mix4, tau, labels, w, anchor_negatives,
-                                   symmetric, reduction == "sum", rows_per, cache_rows, need)
+                                   symmetric, reduction == "sum", rows_per, cache_rows, need, margin,
+                                   angular_margin)
         return loss
     return RowChunkedInfoNCEFunction.apply(a, p, neg, feats.mix3, feats.mix4, tau, labels, w, anchor_negatives,
-                                           symmetric, reduction == "sum", rows_per, cache_rows, need)
+                                           symmetric, reduction == "sum", rows_per, cache_rows, need,
+                                           float(margin), float(angular_margin))

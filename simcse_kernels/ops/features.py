@@ -18,7 +18,8 @@ from .normalize import unit_rows
 
 @dataclass
 class NormalizedFeatures:
-    """Unit-norm features in the compute dtype (fp32, or fp64 for fp64 inputs).
+    """Unit-norm features in the compute dtype (fp32, or fp64 for fp64 inputs); raw rows with
+    ``similarity="dot"``.
 
     Attributes:
         anchors: (N, D) â, differentiable w.r.t. the raw anchors.
@@ -82,9 +83,17 @@ def normalized_features(
     negatives: torch.Tensor | None,
     options: InfoNCEOptions,
 ) -> NormalizedFeatures:
-    """Normalize (in the compute dtype) and build MixCSE's detached mixtures."""
+    """Normalize (in the compute dtype) and build MixCSE's detached mixtures.
+
+    With ``similarity="dot"`` the rows are kept raw (no normalization; MixCSE does not exist there).
+    """
     dt = compute_dtype_for(anchors.dtype)
     a, p = anchors.to(dt), positives.to(dt)
+    if options.similarity == "dot":
+        return NormalizedFeatures(
+            anchors=a, positives=p, negatives=None if negatives is None else negatives.to(dt), mix3=None,
+            mix4=None, tau=temperature_tensor(options, anchors.device, dt),
+        )
     mix3 = mix4 = None
     if options.mix_lambda is not None:
         mix3 = F.normalize(mixed_features(p, options.mix_lambda), dim=-1, eps=NORM_EPS)

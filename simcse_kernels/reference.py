@@ -103,8 +103,10 @@ def huge_row_scale(x: torch.Tensor, per_tensor: bool = False) -> torch.Tensor:
     would change.
     """
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    amax = x.detach().abs().to(compute)
-    amax = amax.amax().reshape(1, 1) if per_tensor else amax.amax(dim=-1, keepdim=True)
+    # max |x| per row by an inf-norm reduction: no (rows, D) temporary
+    amax = torch.linalg.vector_norm(x.detach(), float("inf"), dim=-1, keepdim=True).to(compute)
+    if per_tensor:
+        amax = amax.amax().reshape(1, 1)
     _, exponent = torch.frexp(amax)
     one = torch.ones_like(amax, dtype=torch.float64)
     scale = torch.where(amax >= HUGE_ROW, torch.pow(2.0, -exponent.to(torch.float64)), one)

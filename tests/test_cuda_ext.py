@@ -829,3 +829,37 @@ def test_parity_large_bf16_batch():
     _cuda_or_skip()
     a, p, neg = make_inputs(8192, 768, 8192, dtype=torch.bfloat16, device="cuda", seed=11)
     assert_backend_matches_reference("cuda", a, p, neg, tau=torch.tensor(0.05), hard_negative_weight=0.3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("magnitude", [1e19, 3e38])
+def test_emulated_kernels_huge_rows_match_float64(emulated_backend, magnitude):
+    """Rows near fp32's max are scaled by a power of two before the kernels: the float64 answer."""
+    import torch.nn.functional as F
+
+    a, p, neg = make_inputs(9, 20, 9, dtype=torch.float32, seed=4)
+    a, p, neg = (t / t.abs().amax() * magnitude for t in (a, p, neg))
+    leaves = [t.clone().requires_grad_() for t in (a, p, neg)]
+    loss = fused_info_nce(*leaves, temperature=0.05, hard_negative_weight=0.5, backend="cuda")
+    loss.backward()
+    truth_in = [t.double().requires_grad_() for t in (a, p, neg)]
+    an, cn = F.normalize(truth_in[0], dim=-1), F.normalize(torch.cat(truth_in[1:]), dim=-1)
+    logits = an @ cn.T / 0.05
+    logits[:, 9:] += 0.5 * torch.eye(9, dtype=torch.float64)
+    truth = F.cross_entropy(logits, torch.arange(9))
+    truth.backward()
+    # the suite's fp32 tolerances: the loss relative to max(|loss|, 1/tau), a gradient to its tensor's scale
+    assert abs(float(loss.detach()) - float(truth.detach())) <= 2e-5 * max(float(truth.detach()), 1 / 0.05)
+    floor = torch.finfo(torch.float32).smallest_normal * torch.finfo(torch.float32).eps  # subnormal gradients
+    for got, want in zip(leaves, truth_in):
+        assert ((got.grad.double() - want.grad).abs() <= 1e-4 * want.grad.abs().max() + floor).all()
+
+
+@pytest.mark.slow
+def test_emulated_double_backward_raises_clear_error(emulated_backend):
+    from simcse_kernels import DoubleBackwardError
+
+    a, p, _ = make_inputs(5, 8, dtype=torch.float32, seed=5)
+    a.requires_grad_()
+    with pytest.raises(DoubleBackwardError, match="backend 'cuda'.*backend='naive'"):
+        torch.autograd.grad(fused_info_nce(a, p, backend="cuda"), a, create_graph=True)

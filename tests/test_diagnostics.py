@@ -137,3 +137,24 @@ def test_triton_fp16_parity():
     rows = diagnostics.parity_rows(torch.device("cpu"), ["triton"], ["fp16"], list(diagnostics.MODES))
     bad = [(r["mode"], r["worst"]["tensor"], round(r["worst"]["ratio"], 3)) for r in rows if r["status"] != "PASS"]
     assert not bad, f"fp16 rows over the tolerance (mode, tensor, error/allowed): {bad}"
+
+
+def test_json_path_that_cannot_be_written_is_one_line_exit_2_before_the_check(tmp_path):
+    for bad in (tmp_path / "missing" / "report.json", tmp_path, tmp_path / "file.txt" / "report.json"):
+        (tmp_path / "file.txt").write_text("x")
+        proc = subprocess.run([sys.executable, "-m", "simcse_kernels", "--json", str(bad)], capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stdout == ""  # nothing ran: the check never started
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("python -m simcse_kernels: error: --json "), proc.stderr
+
+
+def test_json_write_failure_after_the_check_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    """A path that passes the early check but fails at the write (injected): one line, exit 2."""
+    monkeypatch.setattr(diagnostics, "json_path_problem", lambda path: None)
+    status = diagnostics.main(["--no-timing", "--backend", "torch", "--mode", "unsup", "--dtype", "fp32",
+                               "--json", str(tmp_path / "gone" / "r.json")])
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write the report" in err[0]

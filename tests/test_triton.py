@@ -103,14 +103,14 @@ def test_more_candidates_than_anchors_and_custom_labels(k):
     if k:
         labels[3] = 20 + min(3, k - 1)  # its own hard negative column when K > 3
         labels[7] = 20 + k - 1
-    opts = dict(hard_negative_weight=0.2) if k else {}
+    opts = dict(hard_negative_weight=0.2) if k >= 12 else {}  # the weight pairs anchor i with negative i: K >= N
     assert_backend_matches_reference("triton", a, p, neg, tau=_tau(0.05, a.dtype), labels=labels.to(DEVICE),
                                      **opts)
 
 
 def test_fewer_positives_than_candidates_anchor_negatives_and_labels():
     """P < N with explicit labels and anchor negatives: row i's self column is still i."""
-    a, p, neg = make_inputs(10, 48, 3, n_pos=4, seed=12, device=DEVICE)
+    a, p, neg = make_inputs(10, 48, 10, n_pos=4, seed=12, device=DEVICE)  # K >= N: the weight pairs i with i
     labels = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0, 4, 6])
     assert_backend_matches_reference("triton", a, p, neg, tau=_tau(0.05, a.dtype), labels=labels.to(DEVICE),
                                      anchor_negatives=True, hard_negative_weight=0.3)

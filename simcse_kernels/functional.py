@@ -100,8 +100,9 @@ def info_nce_with_options(
     backend = resolve_backend(options.backend, anchors.device, _n_logits(anchors, positives, negatives, options))
     if backend == "naive":
         return reference_loss(anchors, positives, negatives, labels, options)
-    if options.has_margin or options.similarity != "cosine":
-        # TODO(issue 21): margins / dot similarity in the torch, triton and cuda backends
+    margin_todo = (options.has_margin or options.similarity != "cosine")
+    if margin_todo and backend in ("torch", "cuda"):
+        # TODO(issue 21): margins / dot similarity in the torch and cuda backends
         if options.backend == "auto":
             return reference_loss(anchors, positives, negatives, labels, options)
         raise NotImplementedError(f"margin, angular_margin and similarity='dot' are not yet implemented in "
@@ -109,6 +110,8 @@ def info_nce_with_options(
     if backend in ("triton", "cuda"):  # first use of this option set: compare with "torch" (selfcheck.py)
         backend = checked_backend(backend, options.backend != "auto", anchors, positives, negatives, labels,
                                   options)
+        if margin_todo and backend == "torch":  # TODO(issue 21): a self-check fallback to "torch"
+            return reference_loss(anchors, positives, negatives, labels, options)
     if backend == "triton":
         from .ops.triton_loss import triton_info_nce
 

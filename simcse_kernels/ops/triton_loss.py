@@ -98,7 +98,7 @@ and partial-sum buffer depend on the blocks):
 * fp32: forward and ``∂L/∂s`` 64 x 64 x 16, 8 warps (forward 1 stage: with 2 the MixCSE forward
   spilled, with 4 warps under Triton 3.6 and with 8 under 3.9; ``∂L/∂s`` 2 stages, it spills with
   4 warps); atomic backward 64 x 32 x 32,
-  ``BLOCK_DO = min(32, next_pow2(D))`` (8 warps; with "ieee" these dots run on CUDA cores).
+  ``BLOCK_DO = min(32, next_pow2(D))`` (8 warps, 1 stage; with "ieee" these dots run on CUDA cores).
 * fp64: 32 x 32 x 16, ``BLOCK_DO = min(64, next_pow2(D))``.
 
 These compile for sm_80 and sm_90 (Triton 3.9 and 3.6) without register spills, within the
@@ -225,8 +225,10 @@ def block_config(kind: str, d: int, dtype: torch.dtype) -> dict:
             # under Triton 3.6 and with 8 under 3.9; the dS kernel spills with 4 warps)
             cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2 if dlogits else 1)
         else:
+            # (atomic backward: one stage; with 2 its margined hard-negative tile (MARGIN) spilled
+            # 24 B on sm_90 under Triton 3.9; with 1 no variant spills on sm_80/sm_90)
             cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, BLOCK_DO=min(32, d_pow2), num_warps=8,
-                       num_stages=2)
+                       num_stages=1)
     else:
         if kind == "fwd":
             cfg = dict(BLOCK_M=128, BLOCK_N=32 if dlogits else 64, BLOCK_K=32, num_warps=8, num_stages=3)

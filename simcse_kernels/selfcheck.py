@@ -4,7 +4,8 @@ No GPU has run these kernels in this project's CI, so each process checks them o
 before trusting them: the first time a fused backend runs a given **key** — device, input dtype,
 D, whether there are negatives, reduction, whether ``hard_negative_weight`` is non-zero,
 ``symmetric``, ``anchor_negatives``, MixCSE on/off, whether the temperature is learnable (a tensor
-that requires grad) and, for Triton, ``SIMCSE_TRITON_BWD`` — :func:`checked_backend` runs the
+that requires grad), for Triton ``SIMCSE_TRITON_BWD``, whether ``margin`` / ``angular_margin`` are
+non-zero and ``similarity`` — :func:`checked_backend` runs the
 backend on a slice of the real inputs and compares its loss and the gradients of anchors,
 positives, negatives and the temperature (if learnable) with the ``torch`` backend run on float64
 copies of the same slice, under the per-dtype tolerances of :mod:`simcse_kernels.tolerances`
@@ -144,7 +145,8 @@ def check_key(backend: str, anchors: torch.Tensor, negatives: torch.Tensor | Non
     variant = os.environ.get("SIMCSE_TRITON_BWD", "") if backend == "triton" else ""
     return (backend, str(anchors.device), anchors.dtype, anchors.shape[1], negatives is not None,
             options.reduction, options.hard_negative_weight != 0.0, options.symmetric, options.anchor_negatives,
-            options.mix_lambda is not None, learnable, variant)
+            options.mix_lambda is not None, learnable, variant, options.margin != 0.0,
+            options.angular_margin != 0.0, options.similarity)
 
 
 def slice_inputs(anchors, positives, negatives, labels, rows: int = SLICE_ROWS):
@@ -241,11 +243,12 @@ def run_check(backend: str, anchors, positives, negatives, labels, options: Info
 
 def _describe_key(key: tuple) -> str:
     (backend, device, dtype, d, has_neg, reduction, weighted, symmetric, anchor_neg, mix, learnable,
-     variant) = key
+     variant, margin, angular_margin, similarity) = key
     flags = [f"device={device}", f"dtype={str(dtype).replace('torch.', '')}", f"D={d}",
              f"negatives={has_neg}", f"reduction={reduction}", f"hard_negative_weight!=0={weighted}",
              f"symmetric={symmetric}", f"anchor_negatives={anchor_neg}", f"mixcse={mix}",
-             f"learnable_temperature={learnable}"]
+             f"learnable_temperature={learnable}", f"margin!=0={margin}",
+             f"angular_margin!=0={angular_margin}", f"similarity={similarity}"]
     if variant:
         flags.append(f"SIMCSE_TRITON_BWD={variant}")
     return ", ".join(flags)

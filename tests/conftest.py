@@ -44,6 +44,39 @@ OPTION_SETS = {
 }
 
 
+# Margin / similarity option sets (issue 21), crossed with the existing options; "dot" sets get
+# features scaled by 1/sqrt(D) (make_margin_inputs) so that raw dot products stay O(1) like cosines.
+MARGIN_OPTION_SETS = {
+    "cosface": dict(margin=0.35),
+    "arcface": dict(angular_margin=0.5),
+    "arc_plus_margin_hard_neg": dict(k="n", hard_negative_weight=0.7, angular_margin=0.3, margin=0.1),
+    "margin_symmetric": dict(symmetric=True, margin=0.3),
+    "arc_symmetric_anchor_neg": dict(symmetric=True, anchor_negatives=True, angular_margin=0.4),
+    "margin_mixcse": dict(k="n", mix_lambda=0.3, hard_negative_weight=0.4, margin=0.2),
+    "margin_everything": dict(k="n", symmetric=True, anchor_negatives=True, mix_lambda=0.5,
+                              hard_negative_weight=1.0, margin=0.25, angular_margin=0.2),
+    "margin_sum": dict(reduction="sum", angular_margin=0.5),
+    "margin_none": dict(k="n", reduction="none", anchor_negatives=True, margin=0.3),
+    "dot": dict(similarity="dot"),
+    "dot_margin_hard_neg": dict(k="n", hard_negative_weight=0.5, similarity="dot", margin=0.3),
+    "dot_margin_symmetric": dict(symmetric=True, anchor_negatives=True, similarity="dot", margin=0.2),
+}
+
+
+def make_margin_inputs(option_set, n, d, *, dtype=torch.float32, device="cpu", seed=0, n_pos=None):
+    """(anchors, positives, negatives, options) of a ``MARGIN_OPTION_SETS`` entry (``k="n"``: K = N).
+
+    "dot" sets: the features are scaled by 1/sqrt(D) before rounding to ``dtype`` (|x| ~ 1, as cosines).
+    """
+    opts = dict(MARGIN_OPTION_SETS[option_set])
+    k = opts.pop("k", 0)
+    k = n if k == "n" else k
+    a, p, neg = make_inputs(n, d, k, dtype=torch.float64, seed=seed, n_pos=n_pos)
+    scale = d ** -0.5 if opts.get("similarity") == "dot" else 1.0
+    cast = lambda t: None if t is None else (t * scale).to(dtype=dtype, device=device)
+    return cast(a), cast(p), cast(neg), opts
+
+
 def split_option_set(option_set, n):
     """(K, loss options) of an ``OPTION_SETS`` entry for a batch of n anchors."""
     opts = dict(OPTION_SETS[option_set])

@@ -147,7 +147,7 @@ def test_capture_records_every_kernel_with_cuda_specialization(launch_specs):
     assert spec["attrs"]["a_ptr"] == [["tt.divisibility", 16]]
     assert spec["constexprs"]["BLOCK_M"] == 128 and spec["options"]["num_warps"] == 8
     cases = {c for s in doc["launches"] for c in s["cases"]}
-    assert len(cases) == 3 * 7 * 3 * 2  # every case of the matrix launched something
+    assert len(cases) == 3 * 9 * 3 * 2  # every case of the matrix (dtype x option set x D x path) launched
 
 
 # ----------------------------------------------------------------------------------------------

@@ -91,6 +91,19 @@ def test_triton_mixcse_gemm_count_16bit(mode, dtype):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("backend", ["triton", "triton_atomic"])
+@pytest.mark.parametrize("mode", ["margin_everything", "dot_margin"])
+def test_triton_margin_and_dot_gemm_count(mode, backend):
+    """Margins (CosFace + ArcFace) and dot similarity with every other option: the margins live in the
+    tile epilogues (the target cosines are a rowwise O(N·D) dot, not a GEMM), so the count is the
+    options' count without margins, within the fused bound (symmetric: 5), in both backward modes."""
+    r = gc.count_flops(backend, mode, N, 128)
+    if backend == "triton":
+        assert r["gemm_equiv"] == pytest.approx(expected_triton(mode), abs=1e-9)
+    assert r["gemm_equiv"] <= _bound("triton", mode)
+
+
+@needs_interpreter
 def test_triton_gemm_count_all_options_and_several_row_chunks():
     """N = 128 with a budget of exactly 64 rows per ∂L/∂s chunk (two chunks): chunking adds no work."""
     mode, n, d = "everything", 128, 128

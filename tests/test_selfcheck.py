@@ -210,3 +210,15 @@ def test_check_key_fields():
     assert key[:4] == ("triton", "cpu", torch.float32, 8)
     assert key == selfcheck.check_key("triton", a, neg, InfoNCEOptions(hard_negative_weight=0.9, mix_lambda=0.7))
     assert key != selfcheck.check_key("triton", a, None, InfoNCEOptions(hard_negative_weight=0.5, mix_lambda=0.1))
+
+
+def test_check_key_includes_margins_and_similarity():
+    """Margins and dot similarity run other kernel variants (MARGIN epilogues, no normalization): own keys."""
+    a, _, _ = make_inputs(4, 8)
+    base = selfcheck.check_key("triton", a, None, InfoNCEOptions())
+    keys = [selfcheck.check_key("triton", a, None, InfoNCEOptions(**opts))
+            for opts in (dict(margin=0.3), dict(angular_margin=0.5), dict(similarity="dot"))]
+    assert len({base, *keys}) == 4
+    assert keys[0] == selfcheck.check_key("triton", a, None, InfoNCEOptions(margin=0.1))
+    described = selfcheck._describe_key(keys[2])
+    assert "similarity=dot" in described and "margin!=0=False" in described

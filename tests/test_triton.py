@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import (
     LOSS_TOL,
+    MARGIN_OPTION_SETS,
     OPTION_SETS,
     TRITON_DEVICE,
     assert_backend_matches_reference,
@@ -17,6 +18,7 @@ from conftest import (
     interpreter_bf16_dot_patchable,
     loss_and_grads,
     make_inputs,
+    make_margin_inputs,
     needs_triton_runtime,
     split_option_set,
 )
@@ -200,6 +202,66 @@ def test_parity_atomic_backward(option_set, n, d, dtype, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# margins (CosFace / ArcFace) and dot similarity (issue 21)
+
+@pytest.mark.parametrize("option_set", list(MARGIN_OPTION_SETS))
+@pytest.mark.parametrize("bwd_mode", ["default", "atomic"])
+def test_margin_parity_learnable_tau(option_set, bwd_mode, monkeypatch):
+    """Every margin / dot option set, both backward modes, N = 37 (not a block multiple), D = 100."""
+    if bwd_mode == "atomic":
+        monkeypatch.setenv("SIMCSE_TRITON_BWD", "atomic")
+    a, p, neg, opts = make_margin_inputs(option_set, 37, 100, seed=21, device=DEVICE)
+    assert_backend_matches_reference("triton", a, p, neg, tau=_tau(0.05, a.dtype), **opts)
+
+
+@pytest.mark.parametrize("dtype", [
+    torch.float64, torch.float16, pytest.param(torch.bfloat16, marks=skip_bf16_interpreted)])
+@pytest.mark.parametrize("option_set", ["arc_plus_margin_hard_neg", "margin_everything", "dot_margin_symmetric"])
+def test_margin_parity_dtypes(dtype, option_set):
+    a, p, neg, opts = make_margin_inputs(option_set, 33, 100, dtype=dtype, seed=22, device=DEVICE)
+    assert_backend_matches_reference("triton", a, p, neg, tau=_tau(0.07, dtype), **opts)
+
+
+@pytest.mark.parametrize("option_set", ["arc_symmetric_anchor_neg", "margin_mixcse", "dot_margin_hard_neg"])
+def test_margin_parity_small_blocks_cross_tile_edges(option_set, small_blocks):
+    a, p, neg, opts = make_margin_inputs(option_set, 41, 100, seed=23, device=DEVICE)
+    assert_backend_matches_reference("triton", a, p, neg, tau=_tau(0.05, a.dtype), **opts)
+
+
+@pytest.mark.parametrize("similarity,margins", [("cosine", dict(margin=0.3, angular_margin=0.4)),
+                                                ("dot", dict(margin=0.3))])
+def test_margin_more_candidates_than_anchors_custom_labels_symmetric(similarity, margins):
+    """M > N (P = 20 > N = 12, K = 5), permuted and repeated labels, one target among the negatives."""
+    a, p, neg = make_inputs(12, 100, 5, n_pos=20, seed=24, device=DEVICE)
+    if similarity == "dot":
+        a, p, neg = (t * 0.1 for t in (a, p, neg))
+    labels = torch.randperm(20, generator=torch.Generator().manual_seed(2))[:12]
+    labels[3] = 20 + 3  # its own hard negative
+    assert_backend_matches_reference("triton", a, p, neg, tau=_tau(0.05, a.dtype), labels=labels.to(DEVICE),
+                                     hard_negative_weight=0.3, similarity=similarity, **margins)
+    sym_labels = torch.tensor([3, 1, 4, 14, 5, 9, 2, 6, 5, 3, 3, 19]).to(DEVICE)
+    assert_backend_matches_reference("triton", a, p, None, tau=_tau(0.05, a.dtype), labels=sym_labels,
+                                     symmetric=True, similarity=similarity, **margins)
+
+
+@pytest.mark.parametrize("bwd_mode", ["default", "atomic"])
+def test_arcface_target_cosines_near_one_have_finite_exact_gradients(bwd_mode, monkeypatch):
+    """Dropout views of one sentence (cos ≈ 0.99..1): ArcFace's f'(c) is large but finite (clamped)."""
+    if bwd_mode == "atomic":
+        monkeypatch.setenv("SIMCSE_TRITON_BWD", "atomic")
+    g = torch.Generator().manual_seed(25)
+    a = torch.randn(19, 64, generator=g, dtype=torch.float64)
+    p = a + 0.01 * torch.randn(19, 64, generator=g, dtype=torch.float64)
+    p[:3] = a[:3]  # exactly cos = 1: the clamp is active (f'(c) = 0 there)
+    a, p = a.float(), p.float()
+    tau = _tau(0.05, a.dtype)
+    loss, grads = loss_and_grads(fused_info_nce, a, p, None, tau, backend="triton", angular_margin=0.5)
+    assert grads[2] is None
+    assert torch.isfinite(loss).all() and all(torch.isfinite(t).all() for t in grads if t is not None)
+    assert_backend_matches_reference("triton", a, p, None, tau=tau, angular_margin=0.5, margin=0.1)
+
+
+# ---------------------------------------------------------------------------------------------
 # availability, custom ops, fake tensors, torch.compile
 
 def test_unavailable_reason():
@@ -266,11 +328,12 @@ def test_fake_tensor_shapes(symmetric, with_neg):
     assert grads[3].shape == () and per_row.shape == (5,)
 
 
-def test_torch_compile_fullgraph_no_graph_break():
+@pytest.mark.parametrize("extra", [{}, dict(margin=0.2, angular_margin=0.3)])
+def test_torch_compile_fullgraph_no_graph_break(extra):
     """The autograd Function + custom ops trace as one graph (aot_eager: no C++ compiler needed)."""
     a, p, neg = make_inputs(9, 32, 9, seed=14, device=DEVICE)
     labels = torch.arange(9, device=DEVICE)
-    options = InfoNCEOptions(hard_negative_weight=0.2, symmetric=True, mix_lambda=0.3, backend="triton")
+    options = InfoNCEOptions(hard_negative_weight=0.2, symmetric=True, mix_lambda=0.3, backend="triton", **extra)
 
     def loss_fn(x, y, z):
         return triton_loss.triton_info_nce(x, y, z, labels, options)
@@ -286,7 +349,7 @@ def test_torch_compile_fullgraph_no_graph_break():
     for got, want in zip(*results):
         torch.testing.assert_close(got, want)
     exp_loss = info_nce_reference(a.double(), p.double(), neg.double(), hard_negative_weight=0.2,
-                                  symmetric=True, mix_lambda=0.3)
+                                  symmetric=True, mix_lambda=0.3, **extra)
     torch.testing.assert_close(results[0][0].double(), exp_loss, **LOSS_TOL[torch.float32])
 
 

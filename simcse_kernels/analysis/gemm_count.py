@@ -44,6 +44,11 @@ MODES: dict[str, dict] = {
     "learnable_tau": dict(k="n", learnable_tau=True),
     "everything": dict(k="n", symmetric=True, anchor_negatives=True, mix_lambda=0.5, hard_negative_weight=1.0,
                        learnable_tau=True),
+    # margins / dot similarity (issue 21): the same tiles, the margins in their epilogues
+    "margin_everything": dict(k="n", symmetric=True, anchor_negatives=True, mix_lambda=0.5,
+                              hard_negative_weight=1.0, learnable_tau=True, margin=0.2, angular_margin=0.3),
+    "dot_margin": dict(k="n", symmetric=True, anchor_negatives=True, hard_negative_weight=0.5,
+                       learnable_tau=True, similarity="dot", margin=0.3),
 }
 #: margin softmax modes (issue 21): the torch backend adds no GEMM for them (the target entry's
 #: own gradient is rank-1 per row)

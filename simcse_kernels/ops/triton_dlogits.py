@@ -39,14 +39,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import _column_terms, _cos_tile, _dlogits, _mix_cos, _raw_dot_tile
+from .triton_kernels import _column_terms, _cos_tile, _dlogits, _margin_chain, _mix_cos, _raw_dot_tile
 
 
 @triton.jit
 def _dlogits_segment_tile(x_ptr, rx_ptr, y_ptr, ry_ptr, offs_m, mask_m, tile, tile0, n_cols, col_offset, ds_col0,
                           lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, n_anchor, D,
                           ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
-                          PATTERN: tl.constexpr, TARGET: tl.constexpr, SYM: tl.constexpr,
+                          tdelta, tgrad,
+                          PATTERN: tl.constexpr, TARGET: tl.constexpr, SYM: tl.constexpr, MARGIN: tl.constexpr,
                           UPCAST: tl.constexpr, STORE_DS: tl.constexpr, NEED_DTAU: tl.constexpr,
                           ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -64,6 +65,8 @@ def _dlogits_segment_tile(x_ptr, rx_ptr, y_ptr, ry_ptr, offs_m, mask_m, tile, ti
         cw_ptr, clse_ptr: (P,) symmetric column weight and LSE (read when ``SYM``).
         inv_tau, w: scalars 1/tau and the hard-negative weight.
         ds_ptr (R, ld_ds), dtau_ptr (R, n_tiles): outputs (rows relative to ``row_start``).
+        tdelta, tgrad: (BLOCK_M,) the targets' margin shift and chain-rule factor (``MARGIN``, a
+            ``TARGET`` block: :func:`_margin_logits`, :func:`_margin_chain`).
     """
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_cols
@@ -71,10 +74,11 @@ def _dlogits_segment_tile(x_ptr, rx_ptr, y_ptr, ry_ptr, offs_m, mask_m, tile, ti
                     ACC_DTYPE, UPCAST, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     cw, clse = _column_terms(cw_ptr, clse_ptr, offs_n, mask_n, SYM, ACC_DTYPE, BLOCK_N)
     ds = _dlogits(cos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, n_anchor, col_offset,
-                  lse, rw, g, labels, cw, clse, PATTERN, TARGET, SYM)
+                  lse, rw, g, labels, cw, clse, tdelta, PATTERN, TARGET, SYM, MARGIN)
+    ds, tau_term = _margin_chain(ds, cos, offs_n, mask_n, col_offset, labels, tdelta, tgrad, MARGIN)
     local = (offs_m - row_start).to(tl.int64)
     if NEED_DTAU:
-        tl.store(dtau_ptr + local * n_tiles + (tile0 + tile), tl.sum(ds * cos, axis=1), mask=mask_m)
+        tl.store(dtau_ptr + local * n_tiles + (tile0 + tile), tl.sum(tau_term, axis=1), mask=mask_m)
     if STORE_DS:
         rx = tl.load(rx_ptr + offs_m, mask=mask_m, other=0.0)
         ry = tl.load(ry_ptr + offs_n, mask=mask_n, other=0.0)
@@ -84,11 +88,12 @@ def _dlogits_segment_tile(x_ptr, rx_ptr, y_ptr, ry_ptr, offs_m, mask_m, tile, ti
 
 
 @triton.jit
-def _dlogits_store(ds, cos, rx, ry, inv_tau, offs_m, mask_m, offs_n, mask_n, ds_ptr, ld_ds, ds_col0, row_start,
+def _dlogits_store(ds, tau_term, rx, ry, inv_tau, offs_m, mask_m, offs_n, mask_n, ds_ptr, ld_ds, ds_col0, row_start,
                    STORE_DS: tl.constexpr):
-    """Store ``ds · rx_i · ry_j / tau`` (the GEMM operand, module docstring) and return ``Σ_j ds · cos``.
+    """Store ``ds · rx_i · ry_j / tau`` (the GEMM operand, module docstring) and return ``Σ_j tau_term``.
 
-    Args: ds, cos (BLOCK_M, BLOCK_N) in ``ACC_DTYPE``; rx (BLOCK_M,), ry (BLOCK_N,) inverse norms of
+    Args: ds, tau_term (BLOCK_M, BLOCK_N) in ``ACC_DTYPE`` (``tau_term``: ``ds · cos``, the margined
+    similarity at targets: :func:`_margin_chain`); rx (BLOCK_M,), ry (BLOCK_N,) inverse norms of
     the block's row and column features; offs/mask of rows (global anchors) and columns (in the
     block); ds_ptr (R, ld_ds) with the block's first column at ``ds_col0``, rows from ``row_start``.
     """
@@ -97,14 +102,14 @@ def _dlogits_store(ds, cos, rx, ry, inv_tau, offs_m, mask_m, offs_n, mask_n, ds_
         out = ds * inv_tau * rx[:, None] * ry[None, :]
         tl.store(ds_ptr + local[:, None] * ld_ds + (ds_col0 + offs_n)[None, :],
                  out.to(ds_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-    return tl.sum(ds * cos, axis=1)
+    return tl.sum(tau_term, axis=1)
 
 
 @triton.jit
 def _dlogits_pos_mix_tile(a_ptr, ra_ptr, p_ptr, rp_ptr, rmix3_ptr, rmix4_ptr, offs_m, mask_m, tile, c_mix3,
                           lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, lam, one_m_lam, N, D,
-                          ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
-                          SYM: tl.constexpr, STORE_DS: tl.constexpr, NEED_DTAU: tl.constexpr,
+                          ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles, tdelta, tgrad,
+                          SYM: tl.constexpr, MARGIN: tl.constexpr, STORE_DS: tl.constexpr, NEED_DTAU: tl.constexpr,
                           ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """MixCSE: positives column tile ``tile`` with its mix3 and mix4 tiles (3 dots, 3 logit tiles).
@@ -130,25 +135,26 @@ def _dlogits_pos_mix_tile(a_ptr, ra_ptr, p_ptr, rp_ptr, rmix3_ptr, rmix4_ptr, of
     cw, clse = _column_terms(cw_ptr, clse_ptr, offs_n, mask_n, SYM, ACC_DTYPE, BLOCK_N)
     cos = d0 * ra[:, None] * rp[None, :]
     ds = _dlogits(cos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, N, 0,
-                  lse, rw, g, labels, cw, clse, 0, True, SYM)
-    part = _dlogits_store(ds, cos, ra, rp, inv_tau, offs_m, mask_m, offs_n, mask_n, ds_ptr, ld_ds, 0,
+                  lse, rw, g, labels, cw, clse, tdelta, 0, True, SYM, MARGIN)
+    ds, tau_term = _margin_chain(ds, cos, offs_n, mask_n, 0, labels, tdelta, tgrad, MARGIN)
+    part = _dlogits_store(ds, tau_term, ra, rp, inv_tau, offs_m, mask_m, offs_n, mask_n, ds_ptr, ld_ds, 0,
                           row_start, STORE_DS)
     zero = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
     d1 = _raw_dot_tile(a_ptr, offs_m, mask_m, p_ptr, (offs_n + 1) % N, mask_n, D, ACC_DTYPE, False, DOT_PREC,
                        BLOCK_M, BLOCK_N, BLOCK_K)
     cos = _mix_cos(d0, d1, lam, one_m_lam, ra_ptr, offs_m, mask_m, rmix3_ptr, offs_n, mask_n)
     ds = _dlogits(cos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, N, 0,
-                  lse, rw, g, labels, zero, zero, 3, False, False)
+                  lse, rw, g, labels, zero, zero, tdelta, 3, False, False, False)
     rm3 = tl.load(rmix3_ptr + offs_n, mask=mask_n, other=0.0)
-    part += _dlogits_store(ds, cos, ra, rm3, inv_tau, offs_m, mask_m, offs_n, mask_n, ds_ptr, ld_ds,
+    part += _dlogits_store(ds, ds * cos, ra, rm3, inv_tau, offs_m, mask_m, offs_n, mask_n, ds_ptr, ld_ds,
                            c_mix3, row_start, STORE_DS)
     d2 = _raw_dot_tile(a_ptr, (offs_m + 1) % N, mask_m, p_ptr, offs_n, mask_n, D, ACC_DTYPE, False, DOT_PREC,
                        BLOCK_M, BLOCK_N, BLOCK_K)
     cos = _mix_cos(d0, d2, lam, one_m_lam, rmix4_ptr, offs_m, mask_m, rp_ptr, offs_n, mask_n)
     ds = _dlogits(cos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, N, 0,
-                  lse, rw, g, labels, zero, zero, 4, False, False)
+                  lse, rw, g, labels, zero, zero, tdelta, 4, False, False, False)
     rm4 = tl.load(rmix4_ptr + offs_m, mask=mask_m, other=0.0)
-    part += _dlogits_store(ds, cos, rm4, rp, inv_tau, offs_m, mask_m, offs_n, mask_n, ds_ptr, ld_ds,
+    part += _dlogits_store(ds, ds * cos, rm4, rp, inv_tau, offs_m, mask_m, offs_n, mask_n, ds_ptr, ld_ds,
                            c_mix3 + N, row_start, STORE_DS)
     if NEED_DTAU:
         local = (offs_m - row_start).to(tl.int64)
@@ -158,8 +164,9 @@ def _dlogits_pos_mix_tile(a_ptr, ra_ptr, p_ptr, rp_ptr, rmix3_ptr, rmix4_ptr, of
 @triton.jit
 def _dlogits_chunk_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_ptr, rmix3_ptr, mix4_ptr,
                           rmix4_ptr, tau_ptr, w_ptr, lam_ptr, labels_ptr, lse_ptr, g_ptr, cw_ptr, clse_ptr,
-                          ds_ptr, dtau_ptr, row_start, row_end, N, P, K, D, ld_ds, n_tiles,
-                          HAS_NEG: tl.constexpr, ANCHOR_NEG: tl.constexpr, HAS_MIX: tl.constexpr,
+                          tdelta_ptr, tgrad_ptr, ds_ptr, dtau_ptr, row_start, row_end, N, P, K, D, ld_ds,
+                          n_tiles, HAS_NEG: tl.constexpr, ANCHOR_NEG: tl.constexpr, HAS_MIX: tl.constexpr,
+                          MARGIN: tl.constexpr,
                           SYMMETRIC: tl.constexpr, STORE_DS: tl.constexpr, NEED_DTAU: tl.constexpr,
                           ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -175,6 +182,8 @@ def _dlogits_chunk_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_
             (``HAS_MIX``); all ``ACC_DTYPE``.
         labels_ptr (N,) int64, lse_ptr (N,), g_ptr (N,): targets, forward row LSE, ∂L/∂ℓ.
         cw_ptr, clse_ptr (P,): symmetric column weight ``½ Σ_{l_i = j} g_i`` and column LSE.
+        tdelta_ptr, tgrad_ptr (N,; ``MARGIN``): each row's target margin shift ``f(c) − m − c`` and
+            chain-rule factor ``f'(c)`` (reference.py, "Margins"), ``ACC_DTYPE``.
         ds_ptr (R, ld_ds): output in the GEMM dtype, row ``i - row_start`` (``STORE_DS``).
         dtau_ptr (R, n_tiles): per (row, column tile) ``Σ ∂L/∂s · cos`` in ``ACC_DTYPE``
             (``NEED_DTAU``).
@@ -198,6 +207,12 @@ def _dlogits_chunk_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_
         rw = 0.5 * g
     else:
         rw = g
+    if MARGIN:
+        tdelta = tl.load(tdelta_ptr + offs_m, mask=mask_m, other=0.0).to(ACC_DTYPE)
+        tgrad = tl.load(tgrad_ptr + offs_m, mask=mask_m, other=0.0).to(ACC_DTYPE)
+    else:
+        tdelta = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+        tgrad = tdelta
     t0 = tl.cdiv(P, BLOCK_N)
     LINEAR: tl.constexpr = HAS_MIX and (a_ptr.dtype.element_ty != ACC_DTYPE)  # 16-bit MixCSE
     if pid_n < t0:
@@ -211,12 +226,13 @@ def _dlogits_chunk_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_
             one_m_lam = tl.load(lam_ptr + 1).to(ACC_DTYPE)
             _dlogits_pos_mix_tile(a_ptr, ra_ptr, p_ptr, rp_ptr, rmix3_ptr, rmix4_ptr, offs_m, mask_m, pid_n,
                                   c_mix3, lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, lam, one_m_lam, N, D,
-                                  ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles, SYMMETRIC, STORE_DS, NEED_DTAU, ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+                                  ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles, tdelta, tgrad, SYMMETRIC, MARGIN,
+                                  STORE_DS, NEED_DTAU, ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
         else:
             _dlogits_segment_tile(a_ptr, ra_ptr, p_ptr, rp_ptr, offs_m, mask_m, pid_n, 0, P, 0, 0,
                                   lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D,
                                   ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
-                                  0, True, SYMMETRIC, False, STORE_DS, NEED_DTAU, ACC_DTYPE, DOT_PREC,
+                                  tdelta, tgrad, 0, True, SYMMETRIC, MARGIN, False, STORE_DS, NEED_DTAU, ACC_DTYPE, DOT_PREC,
                                   BLOCK_M, BLOCK_N, BLOCK_K)
     c0 = P
     if HAS_NEG:
@@ -225,7 +241,7 @@ def _dlogits_chunk_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_
             _dlogits_segment_tile(a_ptr, ra_ptr, neg_ptr, rneg_ptr, offs_m, mask_m, pid_n - t0, t0, K, P, c0,
                                   lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D,
                                   ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
-                                  1, True, False, False, STORE_DS, NEED_DTAU, ACC_DTYPE, DOT_PREC,
+                                  tdelta, tgrad, 1, True, False, MARGIN, False, STORE_DS, NEED_DTAU, ACC_DTYPE, DOT_PREC,
                                   BLOCK_M, BLOCK_N, BLOCK_K)
         t0 = t1
         c0 += K
@@ -235,7 +251,7 @@ def _dlogits_chunk_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_
             _dlogits_segment_tile(a_ptr, ra_ptr, a_ptr, ra_ptr, offs_m, mask_m, pid_n - t0, t0, N, 0, c0,
                                   lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D,
                                   ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
-                                  2, False, False, False, STORE_DS, NEED_DTAU, ACC_DTYPE, DOT_PREC,
+                                  tdelta, tgrad, 2, False, False, False, False, STORE_DS, NEED_DTAU, ACC_DTYPE, DOT_PREC,
                                   BLOCK_M, BLOCK_N, BLOCK_K)
         t0 = t1
         c0 += N
@@ -245,12 +261,12 @@ def _dlogits_chunk_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_
             _dlogits_segment_tile(a_ptr, ra_ptr, mix3_ptr, rmix3_ptr, offs_m, mask_m, pid_n - t0, t0, N, 0, c0,
                                   lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D,
                                   ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
-                                  3, False, False, False, STORE_DS, NEED_DTAU, ACC_DTYPE, DOT_PREC,
+                                  tdelta, tgrad, 3, False, False, False, False, STORE_DS, NEED_DTAU, ACC_DTYPE, DOT_PREC,
                                   BLOCK_M, BLOCK_N, BLOCK_K)
         t2 = t1 + tl.cdiv(N, BLOCK_N)
         if (pid_n >= t1) & (pid_n < t2):
             _dlogits_segment_tile(mix4_ptr, rmix4_ptr, p_ptr, rp_ptr, offs_m, mask_m, pid_n - t1, t1, N, 0,
                                   c0 + N, lse, rw, g, labels, cw_ptr, clse_ptr, inv_tau, w, N, D,
                                   ds_ptr, ld_ds, row_start, dtau_ptr, n_tiles,
-                                  4, False, False, False, STORE_DS, NEED_DTAU, ACC_DTYPE, DOT_PREC,
+                                  tdelta, tgrad, 4, False, False, False, False, STORE_DS, NEED_DTAU, ACC_DTYPE, DOT_PREC,
                                   BLOCK_M, BLOCK_N, BLOCK_K)

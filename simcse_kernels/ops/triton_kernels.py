@@ -176,22 +176,60 @@ def _logits(cos, inv_tau, w, offs_m, offs_n, n_anchor, PATTERN: tl.constexpr):
 
 
 @triton.jit
+def _target_hit(offs_n, mask_n, col_offset, labels):
+    """(BLOCK_M, BLOCK_N) mask of the tile's target entries ``(i, labels[i])``."""
+    return mask_n[None, :] & ((offs_n[None, :] + col_offset) == labels[:, None])
+
+
+@triton.jit
+def _margin_logits(s, offs_n, mask_n, col_offset, labels, tdelta, inv_tau, MARGIN: tl.constexpr):
+    """Target entries of a logit tile with their margin: ``s + δ_i / tau`` at ``(i, labels[i])``.
+
+    ``tdelta`` (BLOCK_M,): ``f(c_i) − m − c_i`` per row (reference.py, "Margins"), precomputed from
+    the target cosine; ``MARGIN=False`` returns ``s`` unchanged.
+    """
+    if MARGIN:
+        s = tl.where(_target_hit(offs_n, mask_n, col_offset, labels), s + (tdelta * inv_tau)[:, None], s)
+    return s
+
+
+@triton.jit
+def _margin_chain(ds, cos, offs_n, mask_n, col_offset, labels, tdelta, tgrad, MARGIN: tl.constexpr):
+    """The margin epilogue of a ``∂L/∂s`` tile: ``(ds for the features, ds · sim for ∂tau)``.
+
+    At the target entries the features' gradient gets the chain-rule factor ``f'(c_i)`` (``tgrad``,
+    (BLOCK_M,)) and the temperature's term reads the modified similarity ``f(c_i) − m = c_i + δ_i``
+    (``tdelta``): ``∂L/∂tau`` sums ``−ds · (f(c) − m) / tau²`` there. Without ``MARGIN``:
+    ``(ds, ds · cos)``.
+    """
+    if MARGIN:
+        hit = _target_hit(offs_n, mask_n, col_offset, labels)
+        tau_term = ds * tl.where(hit, cos + tdelta[:, None], cos)
+        return tl.where(hit, ds * tgrad[:, None], ds), tau_term
+    return ds, ds * cos
+
+
+@triton.jit
 def _dlogits(cos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, n_anchor, col_offset,
-             lse, rw, g, labels, cw, clse,
-             PATTERN: tl.constexpr, TARGET: tl.constexpr, SYM: tl.constexpr):
+             lse, rw, g, labels, cw, clse, tdelta,
+             PATTERN: tl.constexpr, TARGET: tl.constexpr, SYM: tl.constexpr, MARGIN: tl.constexpr):
     """``∂L/∂s`` tile (reference.py, "Gradient"): ``rw_i σ_ij (+ cw_j σ'_ij) − g_i [col = l_i]``.
 
     ``lse, rw, g, labels``: (BLOCK_M,) row LSE, softmax weight (g or g/2), upstream grad, target
     column. ``cw, clse``: (BLOCK_N,) column weight ``½ Σ_{l_i = j} g_i`` and column LSE (``SYM``).
     ``col_offset``: global column of the segment's first column (targets live in [0, P + K)).
+    ``tdelta`` (BLOCK_M,): the targets' margin shift (``MARGIN`` and ``TARGET``:
+    :func:`_margin_logits`); the chain rule at the targets is :func:`_margin_chain`'s.
     Constant (masked) logits and out-of-range entries get 0.
     """
     s = _logits(cos, inv_tau, w, offs_m, offs_n, n_anchor, PATTERN)
+    if TARGET:
+        s = _margin_logits(s, offs_n, mask_n, col_offset, labels, tdelta, inv_tau, MARGIN)
     ds = rw[:, None] * tl.exp(s - lse[:, None])
     if SYM:
         ds += cw[None, :] * tl.exp(s - clse[None, :])
     if TARGET:
-        hit = mask_n[None, :] & ((offs_n[None, :] + col_offset) == labels[:, None])
+        hit = _target_hit(offs_n, mask_n, col_offset, labels)
         ds -= tl.where(hit, g[:, None], 0.0)
     if PATTERN >= 3:
         ds = tl.where(_masked_entry(offs_m, offs_n, n_anchor, PATTERN), 0.0, ds)
@@ -261,7 +299,8 @@ def _mix_cos(d0, d_shift, lam, one_m_lam, rx_ptr, offs_m, mask_m, ry_ptr, offs_n
 
 
 @triton.jit
-def _lse_update(m_i, l_i, t_i, s, offs_n, mask_n, col_offset, labels, TARGET: tl.constexpr):
+def _lse_update(m_i, l_i, t_i, s, offs_n, mask_n, col_offset, labels, tdelta, inv_tau,
+                TARGET: tl.constexpr, MARGIN: tl.constexpr):
     """One logit tile's online log-sum-exp update.
 
     Args:
@@ -269,8 +308,11 @@ def _lse_update(m_i, l_i, t_i, s, offs_n, mask_n, col_offset, labels, TARGET: tl
         s: (BLOCK_M, BLOCK_N) logit tile (``_logits``); offs_n, mask_n: (BLOCK_N,) its columns.
         col_offset: global label column of the segment's first column; labels: (BLOCK_M,) targets.
         TARGET: the segment holds target columns (adds the logit at column ``labels`` to ``t_i``).
+        tdelta, inv_tau, MARGIN: the targets' margin (:func:`_margin_logits`; ``TARGET`` segments).
     Returns the updated ``(m_i, l_i, t_i)``.
     """
+    if TARGET:
+        s = _margin_logits(s, offs_n, mask_n, col_offset, labels, tdelta, inv_tau, MARGIN)
     s = tl.where(mask_n[None, :], s, float("-inf"))
     if TARGET:
         hit = mask_n[None, :] & ((offs_n[None, :] + col_offset) == labels[:, None])
@@ -282,8 +324,8 @@ def _lse_update(m_i, l_i, t_i, s, offs_n, mask_n, col_offset, labels, TARGET: tl
 
 @triton.jit
 def _row_lse_pos_mix_segment(m_i, l_i, t_i, a_ptr, ra_ptr, offs_m, mask_m, p_ptr, rp_ptr, rmix3_ptr,
-                             rmix4_ptr, labels, inv_tau, w, lam, one_m_lam, N, D,
-                             ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                             rmix4_ptr, labels, tdelta, inv_tau, w, lam, one_m_lam, N, D,
+                             MARGIN: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Online LSE of rows ``offs_m`` over the positives, mix3 and mix4 blocks at once (MixCSE, P = N).
 
@@ -305,30 +347,31 @@ def _row_lse_pos_mix_segment(m_i, l_i, t_i, a_ptr, ra_ptr, offs_m, mask_m, p_ptr
         rp = tl.load(rp_ptr + offs_n, mask=mask_n, other=0.0)
         cos = d0 * ra[:, None] * rp[None, :]
         m_i, l_i, t_i = _lse_update(m_i, l_i, t_i, _logits(cos, inv_tau, w, offs_m, offs_n, N, 0),
-                                    offs_n, mask_n, 0, labels, True)
+                                    offs_n, mask_n, 0, labels, tdelta, inv_tau, True, MARGIN)
         d1 = _raw_dot_tile(a_ptr, offs_m, mask_m, p_ptr, (offs_n + 1) % N, mask_n, D,
                            ACC_DTYPE, False, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
         cos = _mix_cos(d0, d1, lam, one_m_lam, ra_ptr, offs_m, mask_m, rmix3_ptr, offs_n, mask_n)
         m_i, l_i, t_i = _lse_update(m_i, l_i, t_i, _logits(cos, inv_tau, w, offs_m, offs_n, N, 3),
-                                    offs_n, mask_n, 0, labels, False)
+                                    offs_n, mask_n, 0, labels, tdelta, inv_tau, False, False)
         d2 = _raw_dot_tile(a_ptr, next_m, mask_m, p_ptr, offs_n, mask_n, D,
                            ACC_DTYPE, False, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
         cos = _mix_cos(d0, d2, lam, one_m_lam, rmix4_ptr, offs_m, mask_m, rp_ptr, offs_n, mask_n)
         m_i, l_i, t_i = _lse_update(m_i, l_i, t_i, _logits(cos, inv_tau, w, offs_m, offs_n, N, 4),
-                                    offs_n, mask_n, 0, labels, False)
+                                    offs_n, mask_n, 0, labels, tdelta, inv_tau, False, False)
     return m_i, l_i, t_i
 
 
 @triton.jit
 def _row_lse_segment(m_i, l_i, t_i, x_ptr, rx_ptr, offs_m, mask_m, y_ptr, ry_ptr, n_cols, col_offset,
-                     labels, inv_tau, w, n_anchor, D,
-                     PATTERN: tl.constexpr, TARGET: tl.constexpr, UPCAST: tl.constexpr,
+                     labels, tdelta, inv_tau, w, n_anchor, D,
+                     PATTERN: tl.constexpr, TARGET: tl.constexpr, MARGIN: tl.constexpr, UPCAST: tl.constexpr,
                      ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Online LSE of rows ``offs_m`` over one column segment (``n_cols`` rows of ``y``).
 
     ``m_i, l_i``: (BLOCK_M,) running max and sum; ``t_i``: running target logit (``TARGET``:
-    adds the logit at global column ``labels``). Returns the updated ``(m_i, l_i, t_i)``.
+    adds the logit at global column ``labels``, with the margin shift ``tdelta`` when ``MARGIN``).
+    Returns the updated ``(m_i, l_i, t_i)``.
     """
     for j0 in range(0, n_cols, BLOCK_N):
         offs_n = j0 + tl.arange(0, BLOCK_N)
@@ -336,15 +379,16 @@ def _row_lse_segment(m_i, l_i, t_i, x_ptr, rx_ptr, offs_m, mask_m, y_ptr, ry_ptr
         cos = _cos_tile(x_ptr, rx_ptr, offs_m, mask_m, y_ptr, ry_ptr, offs_n, mask_n, D,
                         ACC_DTYPE, UPCAST, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
         s = _logits(cos, inv_tau, w, offs_m, offs_n, n_anchor, PATTERN)
-        m_i, l_i, t_i = _lse_update(m_i, l_i, t_i, s, offs_n, mask_n, col_offset, labels, TARGET)
+        m_i, l_i, t_i = _lse_update(m_i, l_i, t_i, s, offs_n, mask_n, col_offset, labels, tdelta, inv_tau,
+                                    TARGET, MARGIN and TARGET)
     return m_i, l_i, t_i
 
 
 @triton.jit
 def _fwd_row_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_ptr, rmix3_ptr, mix4_ptr, rmix4_ptr,
-                    tau_ptr, w_ptr, lam_ptr, labels_ptr, lse_ptr, tgt_ptr, N, P, K, D,
+                    tau_ptr, w_ptr, lam_ptr, labels_ptr, tdelta_ptr, lse_ptr, tgt_ptr, N, P, K, D,
                     HAS_NEG: tl.constexpr, ANCHOR_NEG: tl.constexpr, HAS_MIX: tl.constexpr,
-                    ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                    MARGIN: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Forward over anchor row blocks: per-row LSE over every block and the target logit.
 
@@ -356,6 +400,8 @@ def _fwd_row_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_ptr, r
         tau_ptr, w_ptr: (1,) temperature and hard-negative weight; lam_ptr: (2,) ``[λ, 1 - λ]``
             (``HAS_MIX``), all ``ACC_DTYPE``.
         labels_ptr (N,) int64: target columns in [0, P + K).
+        tdelta_ptr (N,; ``MARGIN``): ``f(c_i) − m − c_i``, the margin shift of each row's target
+            similarity (reference.py, "Margins"), ``ACC_DTYPE``; added as ``/ tau`` to the target logit.
         lse_ptr, tgt_ptr (N,) outputs: row log-sum-exp and target logit, ``ACC_DTYPE``.
     Grid: ``(cdiv(N, BLOCK_M),)``. Segments: positives (16-bit MixCSE: with mix3 and mix4 fused
     into the same column-tile loop, P = N), negatives (+w at P+i), anchors (-inf at i;
@@ -367,6 +413,10 @@ def _fwd_row_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_ptr, r
     inv_tau = 1.0 / tl.load(tau_ptr).to(ACC_DTYPE)
     w = tl.load(w_ptr).to(ACC_DTYPE)
     labels = tl.load(labels_ptr + offs_m, mask=mask_m, other=-1)
+    if MARGIN:
+        tdelta = tl.load(tdelta_ptr + offs_m, mask=mask_m, other=0.0).to(ACC_DTYPE)
+    else:
+        tdelta = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC_DTYPE)
     l_i = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
     t_i = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
@@ -375,42 +425,44 @@ def _fwd_row_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_ptr, r
         lam = tl.load(lam_ptr).to(ACC_DTYPE)
         one_m_lam = tl.load(lam_ptr + 1).to(ACC_DTYPE)
         m_i, l_i, t_i = _row_lse_pos_mix_segment(m_i, l_i, t_i, a_ptr, ra_ptr, offs_m, mask_m, p_ptr, rp_ptr,
-                                                 rmix3_ptr, rmix4_ptr, labels, inv_tau, w, lam, one_m_lam,
-                                                 N, D, ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+                                                 rmix3_ptr, rmix4_ptr, labels, tdelta, inv_tau, w, lam,
+                                                 one_m_lam, N, D, MARGIN, ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         m_i, l_i, t_i = _row_lse_segment(m_i, l_i, t_i, a_ptr, ra_ptr, offs_m, mask_m, p_ptr, rp_ptr, P, 0,
-                                         labels, inv_tau, w, N, D, 0, True, False,
+                                         labels, tdelta, inv_tau, w, N, D, 0, True, MARGIN, False,
                                          ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_NEG:
         m_i, l_i, t_i = _row_lse_segment(m_i, l_i, t_i, a_ptr, ra_ptr, offs_m, mask_m,
                                          neg_ptr, rneg_ptr, K, P,
-                                         labels, inv_tau, w, N, D, 1, True, False,
+                                         labels, tdelta, inv_tau, w, N, D, 1, True, MARGIN, False,
                                          ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     if ANCHOR_NEG:
         m_i, l_i, t_i = _row_lse_segment(m_i, l_i, t_i, a_ptr, ra_ptr, offs_m, mask_m, a_ptr, ra_ptr, N, 0,
-                                         labels, inv_tau, w, N, D, 2, False, False,
+                                         labels, tdelta, inv_tau, w, N, D, 2, False, False, False,
                                          ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_MIX and not LINEAR:  # fp32/fp64: the mixtures are in the input dtype, one plain dot per tile
         m_i, l_i, t_i = _row_lse_segment(m_i, l_i, t_i, a_ptr, ra_ptr, offs_m, mask_m,
                                          mix3_ptr, rmix3_ptr, N, 0,
-                                         labels, inv_tau, w, N, D, 3, False, False,
+                                         labels, tdelta, inv_tau, w, N, D, 3, False, False, False,
                                          ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
         m_i, l_i, t_i = _row_lse_segment(m_i, l_i, t_i, mix4_ptr, rmix4_ptr, offs_m, mask_m,
                                          p_ptr, rp_ptr, N, 0,
-                                         labels, inv_tau, w, N, D, 4, False, False,
+                                         labels, tdelta, inv_tau, w, N, D, 4, False, False, False,
                                          ACC_DTYPE, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     tl.store(lse_ptr + offs_m, m_i + tl.log(l_i), mask=mask_m)
     tl.store(tgt_ptr + offs_m, t_i, mask=mask_m)
 
 
 @triton.jit
-def _fwd_col_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, tau_ptr, clse_ptr, N, P, D,
-                    ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+def _fwd_col_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, tau_ptr, labels_ptr, tdelta_ptr, clse_ptr, N, P, D,
+                    MARGIN: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Symmetric loss: column LSE of the positives block, ``clse[j] = logsumexp_i â_i·p̂_j / tau``.
 
     Args: a_ptr (N, D), p_ptr (P, D) raw features; ra/rp_ptr inverse norms; tau_ptr (1,);
-    clse_ptr (P,) output in ``ACC_DTYPE``. Grid: ``(cdiv(P, BLOCK_N),)``, looping over anchors.
+    labels_ptr (N,) int64 and tdelta_ptr (N,) (read with ``MARGIN``: the column direction reads the
+    rows' margined targets, :func:`_margin_logits`); clse_ptr (P,) output in ``ACC_DTYPE``.
+    Grid: ``(cdiv(P, BLOCK_N),)``, looping over anchors.
     """
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < P
@@ -422,7 +474,12 @@ def _fwd_col_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, tau_ptr, clse_ptr, N, P, D,
         mask_m = offs_m < N
         cos = _cos_tile(a_ptr, ra_ptr, offs_m, mask_m, p_ptr, rp_ptr, offs_n, mask_n, D,
                         ACC_DTYPE, False, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-        s = tl.where(mask_m[:, None], cos * inv_tau, float("-inf"))
+        s = cos * inv_tau
+        if MARGIN:
+            labels = tl.load(labels_ptr + offs_m, mask=mask_m, other=-1)
+            tdelta = tl.load(tdelta_ptr + offs_m, mask=mask_m, other=0.0).to(ACC_DTYPE)
+            s = _margin_logits(s, offs_n, mask_n, 0, labels, tdelta, inv_tau, True)
+        s = tl.where(mask_m[:, None], s, float("-inf"))
         m_new = tl.maximum(m_j, tl.max(s, axis=0))
         l_j = l_j * tl.exp(m_j - m_new) + tl.sum(tl.exp(s - m_new[None, :]), axis=0)
         m_j = m_new
@@ -473,8 +530,9 @@ def _norm_bwd_kernel(x_ptr, r_ptr, g1_ptr, g2_ptr, out_ptr, R, D,
 
 @triton.jit
 def _bwd_tile_atomic_kernel(x_ptr, rx_ptr, y_ptr, ry_ptr, tau_ptr, w_ptr, labels_ptr, lse_ptr, g_ptr,
-                            cw_ptr, clse_ptr, dx_ptr, dy_ptr, dtau_ptr, N, n_cols, D, col_offset,
-                            PATTERN: tl.constexpr, TARGET: tl.constexpr, SYMMETRIC: tl.constexpr,
+                            cw_ptr, clse_ptr, tdelta_ptr, tgrad_ptr, dx_ptr, dy_ptr, dtau_ptr, N, n_cols, D,
+                            col_offset, PATTERN: tl.constexpr, TARGET: tl.constexpr, MARGIN: tl.constexpr,
+                            SYMMETRIC: tl.constexpr,
                             SYM_COLS: tl.constexpr, MIXED: tl.constexpr, ROW_GRAD: tl.constexpr,
                             COL_GRAD: tl.constexpr, NEED_DTAU: tl.constexpr,
                             ACC_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -494,6 +552,8 @@ def _bwd_tile_atomic_kernel(x_ptr, rx_ptr, y_ptr, ry_ptr, tau_ptr, w_ptr, labels
             block's columns; rx/ry_ptr their inverse norms. ``MIXED``: the MixCSE blocks.
         tau_ptr, w_ptr: (1,) temperature and hard-negative weight; labels_ptr, lse_ptr, g_ptr (N,):
             targets, row LSE, ∂L/∂ℓ; cw_ptr, clse_ptr (P,): symmetric column weight and LSE.
+        tdelta_ptr, tgrad_ptr (N,; ``MARGIN``, a ``TARGET`` block): the targets' margin shift
+            ``f(c) − m − c`` and chain-rule factor ``f'(c)`` (:func:`_margin_chain`).
         dx_ptr (N, D), dy_ptr (n_cols, D), dtau_ptr (N,): zero-initialised ``ACC_DTYPE`` outputs
             (dx and dy may be the same buffer: the anchor-negatives block).
         col_offset, PATTERN, TARGET, SYM_COLS: the block (global label column of its first column,
@@ -514,12 +574,19 @@ def _bwd_tile_atomic_kernel(x_ptr, rx_ptr, y_ptr, ry_ptr, tau_ptr, w_ptr, labels
     else:
         rw = g
     cw, clse = _column_terms(cw_ptr, clse_ptr, offs_n, mask_n, SYM_COLS, ACC_DTYPE, BLOCK_N)
+    if MARGIN:
+        tdelta = tl.load(tdelta_ptr + offs_m, mask=mask_m, other=0.0).to(ACC_DTYPE)
+        tgrad = tl.load(tgrad_ptr + offs_m, mask=mask_m, other=0.0).to(ACC_DTYPE)
+    else:
+        tdelta = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+        tgrad = tdelta
     cos = _cos_tile(x_ptr, rx_ptr, offs_m, mask_m, y_ptr, ry_ptr, offs_n, mask_n, D,
                     ACC_DTYPE, MIXED, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     ds = _dlogits(cos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, N, col_offset,
-                  lse, rw, g, labels, cw, clse, PATTERN, TARGET, SYM_COLS)
+                  lse, rw, g, labels, cw, clse, tdelta, PATTERN, TARGET, SYM_COLS, MARGIN)
+    ds, tau_term = _margin_chain(ds, cos, offs_n, mask_n, col_offset, labels, tdelta, tgrad, MARGIN)
     if NEED_DTAU:
-        tl.atomic_add(dtau_ptr + offs_m, tl.sum(ds * cos, axis=1), mask=mask_m, sem="relaxed")
+        tl.atomic_add(dtau_ptr + offs_m, tl.sum(tau_term, axis=1), mask=mask_m, sem="relaxed")
     rx = tl.load(rx_ptr + offs_m, mask=mask_m, other=0.0)
     ry = tl.load(ry_ptr + offs_n, mask=mask_n, other=0.0)
     dsc = ds * (ry * inv_tau)[None, :]

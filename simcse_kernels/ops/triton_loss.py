@@ -98,7 +98,7 @@ and partial-sum buffer depend on the blocks):
 * fp32: forward and ``∂L/∂s`` 64 x 64 x 16, 8 warps (forward 1 stage: with 2 the MixCSE forward
   spilled, with 4 warps under Triton 3.6 and with 8 under 3.9; ``∂L/∂s`` 2 stages, it spills with
   4 warps); atomic backward 64 x 32 x 32,
-  ``BLOCK_DO = min(32, next_pow2(D))`` (8 warps; with "ieee" these dots run on CUDA cores).
+  ``BLOCK_DO = min(32, next_pow2(D))`` (8 warps, 1 stage; with "ieee" these dots run on CUDA cores).
 * fp64: 32 x 32 x 16, ``BLOCK_DO = min(64, next_pow2(D))``.
 
 These compile for sm_80 and sm_90 (Triton 3.9 and 3.6) without register spills, within the
@@ -132,7 +132,7 @@ import os
 import torch
 
 from ..errors import refuse_double_backward
-from ..reference import mixed_features, reduce_loss
+from ..reference import margin_target_grad, margin_target_logit_cos, mixed_features, reduce_loss
 from .budget import chunk_budget_bytes, rows_per_chunk
 from .features import compute_dtype_for, temperature_tensor
 from .gemm import accumulate_gemm, backward_mode_from_env, ds_storage_dtype
@@ -226,8 +226,10 @@ def block_config(kind: str, d: int, dtype: torch.dtype) -> dict:
             # under Triton 3.6 and with 8 under 3.9; the dS kernel spills with 4 warps)
             cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2 if dlogits else 1)
         else:
+            # (atomic backward: one stage; with 2 its margined hard-negative tile (MARGIN) spilled
+            # 24 B on sm_90 under Triton 3.9; with 1 no variant spills on sm_80/sm_90)
             cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, BLOCK_DO=min(32, d_pow2), num_warps=8,
-                       num_stages=2)
+                       num_stages=1)
     else:
         if kind == "fwd":
             cfg = dict(BLOCK_M=128, BLOCK_N=32 if dlogits else 64, BLOCK_K=32, num_warps=8, num_stages=3)
@@ -361,17 +363,21 @@ def _norm_backward(x: torch.Tensor, r: torch.Tensor, g1: torch.Tensor,
     return out
 
 
-def _prepare(anchors, positives, negatives, mix3, mix4, tau, w, mix_lambda=None):
+def _prepare(anchors, positives, negatives, mix3, mix4, tau, w, mix_lambda=None, dot=False):
     """Inverse norms, scalar tensors, flags, negative count and precisions shared by the forward and
     backward launches. ``mix_lambda``: MixCSE's λ (required with ``mix3``): ``lam_ptr`` = ``[λ, 1 - λ]``
-    in the compute dtype."""
+    in the compute dtype. ``dot`` (``similarity="dot"``): every "inverse norm" is 1, so the tiles are
+    raw dot products (and the backward skips the normalization)."""
     cdt = compute_dtype_for(anchors.dtype)
-    ra = _inv_norms(anchors, cdt)
-    rp = _inv_norms(positives, cdt)
+    if dot and mix3 is not None:
+        raise ValueError("the Triton MixCSE blocks need similarity='cosine'")
+    inv_norms = (lambda x, dt: torch.ones(x.shape[0], device=x.device, dtype=dt)) if dot else _inv_norms
+    ra = inv_norms(anchors, cdt)
+    rp = inv_norms(positives, cdt)
     has_neg = negatives is not None and negatives.shape[0] > 0
     has_mix = mix3 is not None
     neg = negatives if has_neg else anchors
-    rneg = _inv_norms(negatives, cdt) if has_neg else ra
+    rneg = inv_norms(negatives, cdt) if has_neg else ra
     m3, m4 = (mix3, mix4) if has_mix else (anchors, anchors)
     rm3, rm4 = (_inv_norms(mix3, cdt), _inv_norms(mix4, cdt)) if has_mix else (ra, ra)
     tau_t = tau.detach().reshape(1).to(device=anchors.device, dtype=cdt)
@@ -386,24 +392,52 @@ def _prepare(anchors, positives, negatives, mix3, mix4, tau, w, mix_lambda=None)
     return cdt, ptrs, has_neg, has_mix, k, _precisions(anchors.dtype, anchors.device)
 
 
+def _margin_terms(ptrs, labels, n_pos, cdt, margin, angular_margin):
+    """Per-row target terms of the margins (reference.py, "Margins"), or ``(None, None)`` without one.
+
+    ``c_i`` = the target similarity ``â_i·ĉ_{l_i}`` (a rowwise dot, O(N·D), from the raw rows and the
+    inverse norms ``ptrs`` holds, as the tiles compute it). Returns ``(δ, f'(c))``, both (N,) in
+    ``cdt``: ``δ_i = f(c_i) − m − c_i`` (the kernels add ``δ_i / tau`` to the target logit and read
+    ``c + δ`` for ∂tau there) and the chain-rule factor of the target entry.
+    """
+    if not (margin or angular_margin):
+        return None, None
+    a, ra = ptrs["a_ptr"], ptrs["ra_ptr"]
+    lab = labels.to(torch.int64)
+    is_pos = lab < n_pos
+    tgt_pos = ptrs["p_ptr"][lab.clamp(max=n_pos - 1)].to(cdt) * ptrs["rp_ptr"][lab.clamp(max=n_pos - 1), None]
+    if ptrs["neg_ptr"] is not a:  # negatives present: targets may be negatives (columns P + j)
+        j = (lab - n_pos).clamp(min=0)
+        tgt_neg = ptrs["neg_ptr"][j].to(cdt) * ptrs["rneg_ptr"][j, None]
+        target = torch.where(is_pos[:, None], tgt_pos, tgt_neg)
+    else:
+        target = tgt_pos
+    cos = ((a.to(cdt) * ra[:, None]) * target).sum(dim=1)
+    delta = margin_target_logit_cos(cos, margin, angular_margin) - cos
+    return delta.contiguous(), margin_target_grad(cos, angular_margin).to(cdt).contiguous()
+
+
 def _forward_impl(anchors, positives, negatives, mix3, mix4, tau, labels, hard_negative_weight,
-                  anchor_negatives, symmetric, mix_lambda=None):
+                  anchor_negatives, symmetric, mix_lambda=None, margin=0.0, angular_margin=0.0, dot=False):
     n, d = anchors.shape
     n_pos = positives.shape[0]
     cdt, ptrs, has_neg, has_mix, k, prec = _prepare(anchors, positives, negatives, mix3, mix4, tau,
-                                                    hard_negative_weight, mix_lambda)
+                                                    hard_negative_weight, mix_lambda, dot)
+    tdelta, _ = _margin_terms(ptrs, labels, n_pos, cdt, margin, angular_margin)
+    has_margin = tdelta is not None
     lse = torch.empty(n, device=anchors.device, dtype=cdt)
     tgt = torch.empty(n, device=anchors.device, dtype=cdt)
     _launch("fwd_row", _k._fwd_row_kernel, lambda m: (_cdiv(n, m["BLOCK_M"]),), d, anchors.dtype,
-            **ptrs, labels_ptr=labels, lse_ptr=lse, tgt_ptr=tgt, N=n, P=n_pos, K=k, D=d,
-            HAS_NEG=has_neg, ANCHOR_NEG=anchor_negatives, HAS_MIX=has_mix,
-            ACC_DTYPE=prec["ACC_DTYPE"], DOT_PREC=prec["DOT_PREC"])
+            **ptrs, labels_ptr=labels, tdelta_ptr=tdelta if has_margin else lse, lse_ptr=lse, tgt_ptr=tgt,
+            N=n, P=n_pos, K=k, D=d, HAS_NEG=has_neg, ANCHOR_NEG=anchor_negatives, HAS_MIX=has_mix,
+            MARGIN=has_margin, ACC_DTYPE=prec["ACC_DTYPE"], DOT_PREC=prec["DOT_PREC"])
     loss = lse - tgt
     if symmetric:
         clse = torch.empty(n_pos, device=anchors.device, dtype=cdt)
         _launch("fwd_col", _k._fwd_col_kernel, lambda m: (_cdiv(n_pos, m["BLOCK_N"]),), d, anchors.dtype,
                 a_ptr=ptrs["a_ptr"], ra_ptr=ptrs["ra_ptr"], p_ptr=ptrs["p_ptr"], rp_ptr=ptrs["rp_ptr"],
-                tau_ptr=ptrs["tau_ptr"], clse_ptr=clse, N=n, P=n_pos, D=d,
+                tau_ptr=ptrs["tau_ptr"], labels_ptr=labels, tdelta_ptr=tdelta if has_margin else lse,
+                clse_ptr=clse, N=n, P=n_pos, D=d, MARGIN=has_margin,
                 ACC_DTYPE=prec["ACC_DTYPE"], DOT_PREC=prec["DOT_PREC"])
         loss = 0.5 * (loss + clse[labels] - tgt)
     else:
@@ -413,11 +447,13 @@ def _forward_impl(anchors, positives, negatives, mix3, mix4, tau, labels, hard_n
 
 def _backward_impl(grad_rows, anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse,
                    hard_negative_weight, anchor_negatives, symmetric, need_anchors, need_positives,
-                   need_negatives, need_dtau, chunk_budget_mib=None, mix_lambda=None):
+                   need_negatives, need_dtau, chunk_budget_mib=None, mix_lambda=None, margin=0.0,
+                   angular_margin=0.0, dot=False):
     n, d = anchors.shape
     n_pos = positives.shape[0]
     cdt, ptrs, has_neg, has_mix, k, prec = _prepare(anchors, positives, negatives, mix3, mix4, tau,
-                                                    hard_negative_weight, mix_lambda)
+                                                    hard_negative_weight, mix_lambda, dot)
+    tdelta, tgrad = _margin_terms(ptrs, labels, n_pos, cdt, margin, angular_margin)
     dev = anchors.device
     g = grad_rows.to(cdt).contiguous()
     if symmetric:
@@ -430,7 +466,8 @@ def _backward_impl(grad_rows, anchors, positives, negatives, mix3, mix4, tau, la
     d_tau = torch.zeros((), device=dev, dtype=cdt)
     if backward_mode() == "atomic":
         common = dict(tau_ptr=ptrs["tau_ptr"], w_ptr=ptrs["w_ptr"], labels_ptr=labels, lse_ptr=lse, g_ptr=g,
-                      cw_ptr=cw, clse_ptr=clse, **prec)
+                      cw_ptr=cw, clse_ptr=clse, tdelta_ptr=lse if tdelta is None else tdelta,
+                      tgrad_ptr=lse if tgrad is None else tgrad, HAS_MARGIN=tdelta is not None, **prec)
         da_hat, dp_hat, dn_hat, dtau_rows = _backward_atomic(
             anchors, positives, negatives, ptrs, common, n, n_pos, k, d, cdt, has_neg, has_mix,
             anchor_negatives, symmetric, need_anchors, need_positives, need_negatives, need_dtau)
@@ -439,13 +476,17 @@ def _backward_impl(grad_rows, anchors, positives, negatives, mix3, mix4, tau, la
         da_hat, da_cols, dp_hat, dn_hat, dtau_sum = _backward_chunked(
             g, cw, clse, anchors, positives, negatives, labels, lse, ptrs, prec, cdt, n, n_pos, k, d,
             has_neg, has_mix, anchor_negatives, symmetric, need_anchors, need_positives, need_negatives,
-            need_dtau, chunk_budget_mib)
+            need_dtau, chunk_budget_mib, tdelta, tgrad)
+    if dot:  # similarity="dot": the features are the similarity's operands, no normalization backward
+        norm_backward = lambda x, r, g1, g2: (g1 if g2 is None else g1 + g2).to(x.dtype)
+    else:
+        norm_backward = _norm_backward
     if need_anchors:
-        d_anc = _norm_backward(anchors, ptrs["ra_ptr"], da_hat, da_cols)
+        d_anc = norm_backward(anchors, ptrs["ra_ptr"], da_hat, da_cols)
     if need_positives:
-        d_pos = _norm_backward(positives, ptrs["rp_ptr"], dp_hat, None)
+        d_pos = norm_backward(positives, ptrs["rp_ptr"], dp_hat, None)
     if need_negatives:
-        d_neg = _norm_backward(negatives, ptrs["rneg_ptr"], dn_hat, None)
+        d_neg = norm_backward(negatives, ptrs["rneg_ptr"], dn_hat, None)
     if need_dtau:
         tau_c = tau.detach().to(device=dev, dtype=cdt).reshape(())
         d_tau = -dtau_sum / (tau_c * tau_c)
@@ -460,11 +501,12 @@ def backward_mode() -> str:
 
 def _backward_chunked(g, cw, clse, anchors, positives, negatives, labels, lse, ptrs, prec, cdt, n, n_pos, k,
                       d, has_neg, has_mix, anchor_negatives, symmetric, need_a, need_p, need_n, need_dtau,
-                      chunk_budget_mib):
+                      chunk_budget_mib, tdelta=None, tgrad=None):
     """The default backward (module docstring, "Backward"): row chunks of ``∂L/∂s`` and two GEMMs.
 
     Args: g (N,) ∂L/∂ℓ and cw (P,) symmetric column weights (compute dtype), clse (P,) or unused;
-    features and ``ptrs``/``prec`` as :func:`_prepare` returns them; ``need_*``: which gradients.
+    features and ``ptrs``/``prec`` as :func:`_prepare` returns them; ``need_*``: which gradients;
+    ``tdelta``/``tgrad``: the margins' per-row target terms (:func:`_margin_terms`) or None.
 
     Returns:
         ``(∂â row role (N, D) or None, ∂â column role (N, D) or None (anchor negatives),
@@ -526,9 +568,10 @@ def _backward_chunked(g, cw, clse, anchors, positives, negatives, labels, lse, p
                                               "mix3_ptr", "rmix3_ptr", "mix4_ptr", "rmix4_ptr", "tau_ptr",
                                               "w_ptr", "lam_ptr")},
                 labels_ptr=labels, lse_ptr=lse, g_ptr=g, cw_ptr=cw, clse_ptr=clse,
+                tdelta_ptr=g if tdelta is None else tdelta, tgrad_ptr=g if tgrad is None else tgrad,
                 ds_ptr=ds_buf if store_ds else g, dtau_ptr=dtau_part, row_start=r0, row_end=r1, N=n, P=n_pos,
                 K=k, D=d, ld_ds=m_total, n_tiles=n_tiles, HAS_NEG=has_neg, ANCHOR_NEG=anchor_negatives,
-                HAS_MIX=has_mix, SYMMETRIC=symmetric, STORE_DS=store_ds, NEED_DTAU=need_dtau,
+                HAS_MIX=has_mix, MARGIN=tdelta is not None, SYMMETRIC=symmetric, STORE_DS=store_ds, NEED_DTAU=need_dtau,
                 ACC_DTYPE=prec["ACC_DTYPE"], DOT_PREC=prec["DOT_PREC"], **cfg)
         except OutOfResources:  # smaller GPUs: retry this chunk with smaller tiles
             cfg = _smaller(cfg)
@@ -571,7 +614,8 @@ def _backward_atomic(anchors, positives, negatives, ptrs, common, n, n_pos, k, d
     dtau_rows = torch.zeros(n, device=dev, dtype=cdt)
     mix_prec = common["MIX_PREC"]
     tile_args = {key: common[key] for key in ("tau_ptr", "w_ptr", "labels_ptr", "lse_ptr", "g_ptr", "cw_ptr",
-                                             "clse_ptr", "ACC_DTYPE", "GRAD_DTYPE", "GRAD_PREC")}
+                                             "clse_ptr", "tdelta_ptr", "tgrad_ptr", "ACC_DTYPE", "GRAD_DTYPE",
+                                             "GRAD_PREC")}
     blocks = [  # x, rx, y, ry, n_cols, col_offset, pattern, target, mixed, dx, dy
         ("a", "p", n_pos, 0, 0, True, False, da_hat, dp_hat)]
     if has_neg:
@@ -591,7 +635,7 @@ def _backward_atomic(anchors, positives, negatives, ptrs, common, n, n_pos, k, d
                 **tile_args, DOT_PREC=mix_prec if mixed else common["DOT_PREC"],
                 dx_ptr=dtau_rows if dx is None else dx, dy_ptr=dtau_rows if dy is None else dy,
                 dtau_ptr=dtau_rows, N=n, n_cols=n_cols, D=d, col_offset=col_offset, PATTERN=pattern,
-                TARGET=target, SYMMETRIC=symmetric, SYM_COLS=symmetric and pattern == 0, MIXED=mixed,
+                TARGET=target, MARGIN=target and common["HAS_MARGIN"], SYMMETRIC=symmetric, SYM_COLS=symmetric and pattern == 0, MIXED=mixed,
                 ROW_GRAD=dx is not None, COL_GRAD=dy is not None, NEED_DTAU=need_dtau)
     return da_hat, dp_hat, dn_hat, dtau_rows
 
@@ -612,20 +656,25 @@ def triton_info_nce_fwd(
     anchor_negatives: bool,
     symmetric: bool,
     mix_lambda: float | None = None,
+    margin: float = 0.0,
+    angular_margin: float = 0.0,
+    dot: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row losses (N,), row LSE (N,) and column LSE (P,; (0,) unless symmetric), compute dtype.
 
     Args: anchors (N, D), positives (P, D), negatives (K, D) or None — contiguous, one dtype;
     mix3, mix4 (N, D) detached MixCSE mixtures in the compute dtype, or None; tau 0-dim;
-    labels (N,) int64 in [0, P + K); mix_lambda: MixCSE's λ (required with the mixtures; P = N).
+    labels (N,) int64 in [0, P + K); mix_lambda: MixCSE's λ (required with the mixtures; P = N);
+    margin, angular_margin: the target margins (reference.py, "Margins"); dot: ``similarity="dot"``
+    (raw dot products, no normalization).
     """
     return _forward_impl(anchors, positives, negatives, mix3, mix4, tau, labels, hard_negative_weight,
-                         anchor_negatives, symmetric, mix_lambda)
+                         anchor_negatives, symmetric, mix_lambda, margin, angular_margin, dot)
 
 
 @triton_info_nce_fwd.register_fake
 def _(anchors, positives, negatives, mix3, mix4, tau, labels, hard_negative_weight, anchor_negatives,
-      symmetric, mix_lambda=None):
+      symmetric, mix_lambda=None, margin=0.0, angular_margin=0.0, dot=False):
     cdt = compute_dtype_for(anchors.dtype)
     n = anchors.shape[0]
     loss = anchors.new_empty((n,), dtype=cdt)
@@ -655,6 +704,9 @@ def triton_info_nce_bwd(
     need_dtau: bool,
     chunk_budget_mib: float | None = None,
     mix_lambda: float | None = None,
+    margin: float = 0.0,
+    angular_margin: float = 0.0,
+    dot: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(∂anchors, ∂positives, ∂negatives, ∂tau)`` from ``grad_rows`` = ∂L/∂ℓ (N,).
 
@@ -662,17 +714,18 @@ def triton_info_nce_bwd(
     when there are none) is an empty (0, D) tensor and costs no kernel. ``∂tau`` is 0-dim in the
     compute dtype (zero unless ``need_dtau``). Other args as the forward, plus its saved ``lse``
     (N,) and ``clse`` (P,) or (0,). ``chunk_budget_mib``: the (R, M) ``∂L/∂s`` chunk budget of the
-    default backward (None: ``$SIMCSE_KERNELS_CHUNK_MIB``, else 256 MiB). ``mix_lambda``: as the forward.
+    default backward (None: ``$SIMCSE_KERNELS_CHUNK_MIB``, else 256 MiB). ``mix_lambda``, ``margin``,
+    ``angular_margin``, ``dot``: as the forward.
     """
     return _backward_impl(grad_rows, anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse,
                           hard_negative_weight, anchor_negatives, symmetric, need_anchors, need_positives,
-                          need_negatives, need_dtau, chunk_budget_mib, mix_lambda)
+                          need_negatives, need_dtau, chunk_budget_mib, mix_lambda, margin, angular_margin, dot)
 
 
 @triton_info_nce_bwd.register_fake
 def _(grad_rows, anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse, hard_negative_weight,
       anchor_negatives, symmetric, need_anchors, need_positives, need_negatives, need_dtau,
-      chunk_budget_mib=None, mix_lambda=None):
+      chunk_budget_mib=None, mix_lambda=None, margin=0.0, angular_margin=0.0, dot=False):
     cdt = compute_dtype_for(anchors.dtype)
     d = anchors.shape[1]
     d_anc = torch.empty_like(anchors) if need_anchors else anchors.new_empty((0, d))
@@ -686,32 +739,35 @@ class TritonInfoNCEFunction(torch.autograd.Function):
     """Per-row InfoNCE losses (N,) in the compute dtype from raw features, via the Triton custom ops.
 
     ``forward(anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric,
-    chunk_budget_mib=None, mix_lambda=None)``: shapes as :func:`triton_info_nce_fwd`;
-    ``chunk_budget_mib`` as :func:`triton_info_nce_bwd`; ``mix_lambda``: MixCSE's λ (with the mixtures). Gradients flow to anchors, positives, negatives and tau (never to the
-    detached mixtures or labels).
+    chunk_budget_mib=None, mix_lambda=None, margin=0.0, angular_margin=0.0, dot=False)``: shapes as
+    :func:`triton_info_nce_fwd`; ``chunk_budget_mib`` as :func:`triton_info_nce_bwd`; ``mix_lambda``:
+    MixCSE's λ (with the mixtures); ``margin``, ``angular_margin``, ``dot``: as the forward. Gradients
+    flow to anchors, positives, negatives and tau (never to the detached mixtures or labels).
     """
 
     @staticmethod
     def forward(ctx, anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric,
-                chunk_budget_mib=None, mix_lambda=None):
+                chunk_budget_mib=None, mix_lambda=None, margin=0.0, angular_margin=0.0, dot=False):
         loss, lse, clse = torch.ops.simcse_kernels.triton_info_nce_fwd(
-            anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric, mix_lambda)
+            anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric, mix_lambda,
+            margin, angular_margin, dot)
         ctx.save_for_backward(anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse)
-        ctx.options = (w, anchor_negatives, symmetric, chunk_budget_mib, mix_lambda)
+        ctx.options = (w, anchor_negatives, symmetric, chunk_budget_mib, mix_lambda, margin, angular_margin, dot)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         refuse_double_backward('triton', torch.is_grad_enabled(), torch.compiler.is_compiling())
         anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse = ctx.saved_tensors
-        w, anchor_negatives, symmetric, chunk_budget_mib, mix_lambda = ctx.options
+        w, anchor_negatives, symmetric, chunk_budget_mib, mix_lambda, margin, angular_margin, dot = ctx.options
         need = ctx.needs_input_grad
         need_neg = need[2] and negatives is not None
         d_anc, d_pos, d_neg, d_tau = torch.ops.simcse_kernels.triton_info_nce_bwd(
             grad_loss.contiguous(), anchors, positives, negatives, mix3, mix4, tau, labels, lse, clse,
-            w, anchor_negatives, symmetric, need[0], need[1], need_neg, need[5], chunk_budget_mib, mix_lambda)
+            w, anchor_negatives, symmetric, need[0], need[1], need_neg, need[5], chunk_budget_mib, mix_lambda,
+            margin, angular_margin, dot)
         return (d_anc if need[0] else None, d_pos if need[1] else None, d_neg if need_neg else None,
-                None, None, d_tau if need[5] else None, None, None, None, None, None, None)
+                None, None, d_tau if need[5] else None, None, None, None, None, None, None, None, None, None)
 
 
 def triton_info_nce(anchors, positives, negatives, labels, options):
@@ -738,5 +794,6 @@ def triton_info_nce(anchors, positives, negatives, labels, options):
         mix3, mix4, tau, labels.to(torch.int64).contiguous(), float(options.hard_negative_weight),
         bool(options.anchor_negatives), bool(options.symmetric),
         None if options.chunk_budget_mib is None else float(options.chunk_budget_mib),
-        None if options.mix_lambda is None else float(options.mix_lambda))
+        None if options.mix_lambda is None else float(options.mix_lambda),
+        float(options.margin), float(options.angular_margin), options.similarity == "dot")
     return reduce_loss(per_row, options.reduction)

@@ -59,6 +59,11 @@ OPTION_SETS = {
     "learnable_tau": (False, {}, True),
     "everything": (True, dict(hard_negative_weight=0.5, symmetric=True, anchor_negatives=True, mix_lambda=0.3),
                    True),
+    # margins / dot similarity (issue 21): the MARGIN kernel variants
+    "margin_everything": (True, dict(hard_negative_weight=0.5, symmetric=True, anchor_negatives=True,
+                                     mix_lambda=0.3, margin=0.2, angular_margin=0.3), True),
+    "dot_margin": (True, dict(hard_negative_weight=0.5, symmetric=True, anchor_negatives=True, similarity="dot",
+                              margin=0.3), True),
 }
 DIMS = (384, 768, 1024)
 PATHS = ("default", "atomic")

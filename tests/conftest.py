@@ -181,6 +181,21 @@ needs_triton_runtime = pytest.mark.skipif(
 )
 
 
+#: a small corpus for the trainer's fault and signal tests (a tiny BERT's vocabulary is built from it)
+TINY_TRAIN_SENTS = [f"line {i}: the {a} {b} near the {c}." for i, (a, b, c) in enumerate(
+    zip(["quick", "lazy", "small", "red"] * 6, ["fox", "dog", "bird", "cat", "cow"] * 5, ["river", "hill", "town"] * 8))]
+
+
+def tiny_model_and_corpus(root: Path) -> tuple[Path, Path]:
+    """A 1-layer tiny BERT (hidden 16) over :data:`TINY_TRAIN_SENTS` and the corpus file, under ``root``."""
+    from simcse_kernels.train.tiny import build_tiny_bert
+
+    model_dir = build_tiny_bert(root / "tiny", TINY_TRAIN_SENTS, hidden=16, layers=1)
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(TINY_TRAIN_SENTS) + "\n")
+    return model_dir, corpus
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 for a gloo process group."""
     with socket.socket() as s:

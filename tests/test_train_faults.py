@@ -18,27 +18,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model_and_corpus
 
 from simcse_kernels.train import checkpoint as ckpt
 from simcse_kernels.train import trainer as trainer_mod
 from simcse_kernels.train.cli import eval_main, train_main
 from simcse_kernels.train.errors import TrainingStopped, UsageError
 from simcse_kernels.train.model import check_model
-from simcse_kernels.train.tiny import build_tiny_bert
 from simcse_kernels.train.trainer import TrainConfig, Trainer, train
 
-SENTS = [f"line {i}: the {a} {b} near the {c}." for i, (a, b, c) in enumerate(
-    zip(["quick", "lazy", "small", "red"] * 6, ["fox", "dog", "bird", "cat", "cow"] * 5, ["river", "hill", "town"] * 8))]
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    model_dir = build_tiny_bert(root / "tiny", SENTS, hidden=16, layers=1)
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(SENTS) + "\n")
-    return model_dir, corpus
+    return tiny_model_and_corpus(tmp_path_factory.mktemp("faults"))
 
 
 def _cfg(inputs, out, **changes) -> TrainConfig:

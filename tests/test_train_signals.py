@@ -11,13 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, tiny_model_and_corpus
 
 from simcse_kernels.train import checkpoint as ckpt
-from simcse_kernels.train.tiny import build_tiny_bert
 
-SENTS = [f"line {i}: the {a} {b} near the {c}." for i, (a, b, c) in enumerate(
-    zip(["quick", "lazy", "small", "red"] * 6, ["fox", "dog", "bird", "cat", "cow"] * 5, ["river", "hill", "town"] * 8))]
 REPO = Path(__file__).resolve().parents[1]
 
 # simcse-train with each step slowed to >= 0.3 s, so a signal lands inside a step.
@@ -37,11 +34,7 @@ sys.exit(train_main(sys.argv[1:]))
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("signals")
-    model_dir = build_tiny_bert(root / "tiny", SENTS, hidden=16, layers=1)
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(SENTS) + "\n")
-    return model_dir, corpus
+    return tiny_model_and_corpus(tmp_path_factory.mktemp("signals"))
 
 
 def _start(inputs, out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:

@@ -39,7 +39,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import _column_terms, _cos_tile, _dlogits, _margin_chain, _mix_cos, _raw_dot_tile
+from .triton_kernels import (
+    _column_terms,
+    _cos_tile,
+    _dlogits,
+    _margin_chain,
+    _margin_row_terms,
+    _mix_cos,
+    _raw_dot_tile,
+)
 
 
 @triton.jit
@@ -207,12 +215,7 @@ def _dlogits_chunk_kernel(a_ptr, ra_ptr, p_ptr, rp_ptr, neg_ptr, rneg_ptr, mix3_
         rw = 0.5 * g
     else:
         rw = g
-    if MARGIN:
-        tdelta = tl.load(tdelta_ptr + offs_m, mask=mask_m, other=0.0).to(ACC_DTYPE)
-        tgrad = tl.load(tgrad_ptr + offs_m, mask=mask_m, other=0.0).to(ACC_DTYPE)
-    else:
-        tdelta = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
-        tgrad = tdelta
+    tdelta, tgrad = _margin_row_terms(tdelta_ptr, tgrad_ptr, offs_m, mask_m, MARGIN, ACC_DTYPE, BLOCK_M)
     t0 = tl.cdiv(P, BLOCK_N)
     LINEAR: tl.constexpr = HAS_MIX and (a_ptr.dtype.element_ty != ACC_DTYPE)  # 16-bit MixCSE
     if pid_n < t0:

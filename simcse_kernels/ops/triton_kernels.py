@@ -270,6 +270,20 @@ def _raw_dot_tile(x_ptr, offs_m, mask_m, y_ptr, offs_n, mask_n, D,
 
 
 @triton.jit
+def _margin_row_terms(tdelta_ptr, tgrad_ptr, offs_m, mask_m, MARGIN: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                      BLOCK_M: tl.constexpr):
+    """(BLOCK_M,) target-logit shift ``(f(c) − m − c)/tau`` and chain factor ``f'(c)`` of rows ``offs_m``
+    (zeros unless ``MARGIN``; see reference.py)."""
+    if MARGIN:
+        tdelta = tl.load(tdelta_ptr + offs_m, mask=mask_m, other=0.0).to(ACC_DTYPE)
+        tgrad = tl.load(tgrad_ptr + offs_m, mask=mask_m, other=0.0).to(ACC_DTYPE)
+    else:
+        tdelta = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+        tgrad = tdelta
+    return tdelta, tgrad
+
+
+@triton.jit
 def _column_terms(cw_ptr, clse_ptr, offs_n, mask_n, SYM: tl.constexpr, ACC_DTYPE: tl.constexpr,
                   BLOCK_N: tl.constexpr):
     """(BLOCK_N,) symmetric column weight and column LSE of columns ``offs_n`` (zeros unless ``SYM``)."""
@@ -574,12 +588,7 @@ def _bwd_tile_atomic_kernel(x_ptr, rx_ptr, y_ptr, ry_ptr, tau_ptr, w_ptr, labels
     else:
         rw = g
     cw, clse = _column_terms(cw_ptr, clse_ptr, offs_n, mask_n, SYM_COLS, ACC_DTYPE, BLOCK_N)
-    if MARGIN:
-        tdelta = tl.load(tdelta_ptr + offs_m, mask=mask_m, other=0.0).to(ACC_DTYPE)
-        tgrad = tl.load(tgrad_ptr + offs_m, mask=mask_m, other=0.0).to(ACC_DTYPE)
-    else:
-        tdelta = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
-        tgrad = tdelta
+    tdelta, tgrad = _margin_row_terms(tdelta_ptr, tgrad_ptr, offs_m, mask_m, MARGIN, ACC_DTYPE, BLOCK_M)
     cos = _cos_tile(x_ptr, rx_ptr, offs_m, mask_m, y_ptr, ry_ptr, offs_n, mask_n, D,
                     ACC_DTYPE, MIXED, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     ds = _dlogits(cos, inv_tau, w, offs_m, mask_m, offs_n, mask_n, N, col_offset,

@@ -231,8 +231,9 @@ def test_margin_parity_small_blocks_cross_tile_edges(option_set, small_blocks):
 @pytest.mark.parametrize("similarity,margins", [("cosine", dict(margin=0.3, angular_margin=0.4)),
                                                 ("dot", dict(margin=0.3))])
 def test_margin_more_candidates_than_anchors_custom_labels_symmetric(similarity, margins):
-    """M > N (P = 20 > N = 12, K = 5), permuted and repeated labels, one target among the negatives."""
-    a, p, neg = make_inputs(12, 100, 5, n_pos=20, seed=24, device=DEVICE)
+    """M > N (P = 20 > N = 12, K = 13 >= N as the hard-negative weight needs), permuted and repeated
+    labels, one target among the negatives."""
+    a, p, neg = make_inputs(12, 100, 13, n_pos=20, seed=24, device=DEVICE)
     if similarity == "dot":
         a, p, neg = (t * 0.1 for t in (a, p, neg))
     labels = torch.randperm(20, generator=torch.Generator().manual_seed(2))[:12]

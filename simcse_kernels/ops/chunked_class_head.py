@@ -53,13 +53,15 @@ from .normalize import unit_rows
 #: general path stays (SimCSE-style batches, P = N or 2N, where its (P, D) copies are small next to
 #: the N x P logits and every other option is implemented)
 MIN_CLASSES_PER_ROW = 4
-#: one-pass full rows ("rows" plan) when at least this many rows (or all N) fit the budget; fewer
-#: rows per chunk measured slower on CPU than the two-pass tiles (N = 512, D = 256, C = 65536)
+#: one-pass full rows ("rows" plan) when at least this many rows (or all N) fit the budget. On CPU
+#: (N = 512, D = 256, shared box): C = 65536, 32-row chunks 0.85 s against 512 x 4096 tiles 0.70 s;
+#: C = 262144, 64-row chunks 12.3 s against tiles of 512 x 32768 13.6 s and 512 x 4096 19.6 s
 ROWS_MIN = 64
 #: at most this many rows per chunk / tile on CPU (as :data:`simcse_kernels.ops.chunked.MAX_ROWS`)
 MAX_ROWS = 512
 #: the class head's budget when none is set (option or environment variable), in MiB: the logit
-#: chunk is the whole extra memory here, and 64 MiB measured as fast as 256 MiB on CPU
+#: buffer is nearly the whole extra memory here, and 64 MiB measured as fast as 128-256 MiB on CPU
+#: (C = 65536: 256-row chunks 1.34 s, 512-row 1.32 s)
 DEFAULT_CLASS_HEAD_MIB = 64.0
 
 

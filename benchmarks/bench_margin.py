@@ -216,13 +216,14 @@ def main(argv=None) -> None:
             row = _subprocess_case(provider, classes, args)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    result = dict(device=args.device, n=args.n, dim=args.dim, margin=args.margin, scale=args.scale, classes=args.classes, rows=rows,
-                  definition=DEFINITION, loadavg_before=load_before, loadavg_after=os.getloadavg(),
-                  cpu_count=os.cpu_count())
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "margin.json").write_text(json.dumps(result, indent=1) + "\n")
-        (args.out / "margin.md").write_text(_markdown(result))
+            # written after every case: a run stopped by a time limit keeps what it measured
+            result = dict(device=args.device, n=args.n, dim=args.dim, margin=args.margin, scale=args.scale,
+                          classes=args.classes, rows=rows, definition=DEFINITION, loadavg_before=load_before,
+                          loadavg_after=os.getloadavg(), cpu_count=os.cpu_count())
+            if args.out:
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / "margin.json").write_text(json.dumps(result, indent=1) + "\n")
+                (args.out / "margin.md").write_text(_markdown(result))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU suite in one call (H100/H200): CUDA tests, matmul peak, the loss benchmark at N = 4096..262144
 # (D = 768; bf16 all modes, fp32 unsup/sup; forward and forward+backward; peak memory; TFLOP/s),
-# the max-batch probe, merged plots and a summary. Every stage has a time bound; the whole suite
+# the max-batch probe, the class-weight-head margin benchmark (bench_margin.py, what time is left),
+# merged plots and a summary. Every stage has a time bound; the whole suite
 # stays within SUITE_BUDGET_S seconds (default 530, i.e. under the device tool's 10-minute limit).
 #
 #   bash benchmarks/run_gpu_suite.sh "$OUT"          # on the device machine
@@ -106,6 +107,11 @@ run_stage bench_fp32 70 60 python benchmarks/bench_loss.py --device "$DEV" --dty
 B=$(inner 90 25)
 run_stage max_batch 90 25 python benchmarks/max_batch.py --device "$DEV" --dtype bf16 --dim "$DIM" --mode unsup \
   --pass fwdbwd --skip-providers "$SKIP" --time-budget "$B" --max-call-seconds 5 --out "$W/max_batch"
+
+# class-weight head (issue 21): CosFace, N = 512, D = 256, C = 65536..2^20 against PML, naive and Cut
+# Cross-Entropy's Triton kernels; only the time left (each case is written as it ends)
+run_stage bench_margin 90 25 python benchmarks/bench_margin.py --device "$DEV" --max-gib 60 --timeout 60 \
+  --out "$W/margin"
 
 run_stage plots 30 0 python benchmarks/plots.py "$W/bf16_unsup/bench_loss.json" "$W/bf16_modes/bench_loss.json" \
   --out "$W/plots_bf16"

@@ -6,6 +6,7 @@ import torch
 
 from .backends import resolve_backend
 from .ops.chunked import chunked_per_row_loss, chunked_scalar_loss
+from .ops.chunked_class_head import class_head_applies, class_head_loss
 from .ops.features import normalized_features, without_huge_rows
 from .options import InfoNCEOptions, Temperature
 from .reference import reduce_loss, reference_loss
@@ -118,6 +119,8 @@ def info_nce_with_options(
         from .ops.cuda_loss import cuda_info_nce
 
         return cuda_info_nce(anchors, positives, negatives, labels, options)
+    if class_head_applies(anchors, positives, negatives, options):  # P >> N class weights: no (P, D) copy
+        return class_head_loss(anchors, positives, labels, options)
     feats = normalized_features(anchors, positives, negatives, options)
     if options.reduction != "none":  # gradient formed in the forward pass (3 GEMM-equivalents)
         return chunked_scalar_loss(feats, labels, options.hard_negative_weight, options.anchor_negatives,

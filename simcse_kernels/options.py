@@ -48,7 +48,9 @@ class InfoNCEOptions:
             variable ``SIMCSE_KERNELS_CHUNK_MIB``, else 256 (the ``"torch"`` backend's symmetric
             loss: at least min(D/64, 16) x the feature bytes, room for first-pass logit rows it
             keeps; :func:`simcse_kernels.ops.chunked.symmetric_cache_rows`). Extra memory is
-            O(R·M + (N + M)·D).
+            O(R·M + (N + M)·D). Class-weight heads (P >= 4N candidates, no other option; the
+            ``"torch"`` backend, :mod:`simcse_kernels.ops.chunked_class_head`): the budget of the one
+            logit buffer, default 64 MiB; extra memory is the budget + O(N + P) + O(N·D).
     """
 
     temperature: Temperature = 0.05

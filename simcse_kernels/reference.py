@@ -103,8 +103,12 @@ def huge_row_scale(x: torch.Tensor, per_tensor: bool = False) -> torch.Tensor:
     would change.
     """
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    # max |x| per row by an inf-norm reduction: no (rows, D) temporary
-    amax = torch.linalg.vector_norm(x.detach(), float("inf"), dim=-1, keepdim=True).to(compute)
+    # max |x| per row from the row's min and max: no (rows, D) temporary (the inf-norm makes |x|)
+    if x.shape[-1] > 0:
+        lo, hi = torch.aminmax(x.detach(), dim=-1, keepdim=True)
+        amax = torch.maximum(hi, -lo).to(compute)
+    else:
+        amax = torch.linalg.vector_norm(x.detach(), float("inf"), dim=-1, keepdim=True).to(compute)
     if per_tensor:
         amax = amax.amax().reshape(1, 1)
     _, exponent = torch.frexp(amax)

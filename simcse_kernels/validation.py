@@ -52,6 +52,15 @@ def check_temperature_for_dtype(temperature: Temperature, dtype: torch.dtype) ->
         )
 
 
+def _all_finite(t: torch.Tensor) -> torch.Tensor:
+    """0-dim bool: every entry of ``t`` is finite, with no temporary of t's size (``isfinite`` makes
+    several; the min and the max propagate NaN and show an inf)."""
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    lo, hi = torch.aminmax(t)
+    return torch.isfinite(lo) & torch.isfinite(hi)
+
+
 def validate_inputs(
     anchors: torch.Tensor,
     positives: torch.Tensor,
@@ -137,7 +146,7 @@ def validate_inputs(
     # inputs still show as a NaN loss, and an out-of-range label fails the index gather.
     if options.check_inputs and anchors.device.type != "meta" and not torch.compiler.is_compiling():
         limit = p if options.symmetric else p + k
-        flags = [torch.isfinite(t).all() for _, t in tensors]
+        flags = [_all_finite(t) for _, t in tensors]
         flags.append(((labels >= 0) & (labels < limit)).all())
         ok = torch.stack(flags).cpu().tolist()  # one sync for every check
         for (name, _), good in zip(tensors, ok[:-1]):

@@ -182,19 +182,22 @@ def test_max_batch_and_matmul_peak(tmp_path):
 
 def test_bench_margin_smoke(tmp_path):
     """benchmarks/bench_margin.py at tiny sizes: one row per (C, provider), ours equal to naive
-    (same seeded class matrix and inputs), PML equal too where installed, files written."""
+    (same seeded class matrix and inputs), PML equal too where installed, Cut Cross-Entropy (no
+    margin: a lower loss) where installed, files written with the memory definition."""
     out = tmp_path / "margin"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     subprocess.run([sys.executable, str(BENCH / "bench_margin.py"), "--n", "8", "--dim", "16", "--classes", "64",
-                    "128", "--out", str(out)], check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)
+                    "128", "--out", str(out)], check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)
     result = json.loads((out / "margin.json").read_text())
     rows = {(r["classes"], r["provider"]): r for r in result["rows"]}
-    assert set(rows) == {(c, p) for c in (64, 128) for p in ("ours", "pml", "naive")}
+    assert set(rows) == {(c, p) for c in (64, 128) for p in ("ours", "pml", "naive", "cce")}
     for c in (64, 128):
-        ours, naive, pml = rows[(c, "ours")], rows[(c, "naive")], rows[(c, "pml")]
+        ours, naive, pml, cce = (rows[(c, p)] for p in ("ours", "naive", "pml", "cce"))
         assert ours["seconds"] > 0 and "extra_peak_mb" in ours
         assert abs(ours["loss"] - naive["loss"]) <= 1e-4 * abs(naive["loss"])
         if "skipped" not in pml:
             assert abs(ours["loss"] - pml["loss"]) <= 1e-4 * abs(pml["loss"])
+        if "skipped" not in cce:
+            assert 0 < cce["loss"] < ours["loss"]
     md = (out / "margin.md").read_text()
-    assert "load average" in md and "| 128 | ours |" in md
+    assert "load average" in md and "| 128 | ours" in md and "Definition: extra peak memory" in md

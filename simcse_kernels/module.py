@@ -37,6 +37,10 @@ class FusedInfoNCE(nn.Module):
         margin: float = 0.0,
         angular_margin: float = 0.0,
         similarity: str = "cosine",
+        directions: tuple[str, ...] | None = None,
+        partition_mode: str = "joint",
+        hardness_mode: str | None = None,
+        hardness_strength: float = 0.0,
     ) -> None:
         super().__init__()
         # Validate every option once, here, with the same messages as the functional API.
@@ -53,6 +57,10 @@ class FusedInfoNCE(nn.Module):
             margin=margin,
             angular_margin=angular_margin,
             similarity=similarity,
+            directions=directions,
+            partition_mode=partition_mode,
+            hardness_mode=hardness_mode,
+            hardness_strength=hardness_strength,
         )
         self.log_temperature: nn.Parameter | None = None
         if learnable_temperature:
@@ -84,5 +92,6 @@ class FusedInfoNCE(nn.Module):
             f"temperature={tau}, hard_negative_weight={o.hard_negative_weight}, symmetric={o.symmetric}, "
             f"anchor_negatives={o.anchor_negatives}, mix_lambda={o.mix_lambda}, reduction={o.reduction!r}, "
             f"backend={o.backend!r}, margin={o.margin}, angular_margin={o.angular_margin}, "
-            f"similarity={o.similarity!r}"
+            f"similarity={o.similarity!r}, directions={o.directions!r}, partition_mode={o.partition_mode!r}, "
+            f"hardness_mode={o.hardness_mode!r}, hardness_strength={o.hardness_strength}"
         )

@@ -118,6 +118,19 @@ def validate_inputs(
             "negatives; K >= N is allowed)"
         )
 
+    if options.needs_own_docs:  # sentence-transformers' layout: doc i = positive i, negatives column-stacked
+        what = ("a joint 'doc_to_query'" if options.doc_to_query_joint else
+                "'doc_to_doc'" if options.doc_to_doc else f"hardness_mode={options.hardness_mode!r}")
+        if labels is not None:
+            raise ValueError(f"labels must be None with {what}: query i's positive is doc i (its own docs: "
+                             "positive i and negative rows k·N + i)")
+        if p != n:
+            raise ValueError(f"{what} needs as many positives as anchors (doc i is query i's positive), got "
+                             f"P={p}, N={n}")
+        if k % n:
+            raise ValueError(f"{what} needs negatives stacked in whole columns of N rows (negative column k's "
+                             f"row i at k·N + i), got K={k} rows for N={n} anchors")
+
     if labels is None:
         if p < n:
             raise ValueError(f"default labels arange(N) need P >= N positives, got P={p}, N={n}; pass labels")

@@ -35,6 +35,10 @@ def fused_info_nce(
     partition_mode: str = "joint",
     hardness_mode: str | None = None,
     hardness_strength: float = 0.0,
+    doc_to_doc_negatives: bool = True,
+    guide: tuple | None = None,
+    guide_margin: float = 0.0,
+    guide_margin_strategy: str = "absolute",
 ) -> torch.Tensor:
     """InfoNCE over cosine similarities, without materializing the N x M matrix.
 
@@ -71,6 +75,10 @@ def fused_info_nce(
         hardness_mode: None | "in_batch_negatives" | "hard_negatives" | "all_negatives": the
             query_to_doc logits that get ``hardness_strength · stop_grad(sim)`` (not divided by tau).
         hardness_strength: alpha >= 0 of the hardness term.
+        doc_to_doc_negatives: False: doc_to_doc against the positives only (GIST's positive-positive block).
+        guide: GIST's guide embeddings ``(guide_anchors, guide_positives[, guide_negatives])``: candidates the
+            guide finds more similar than the row's positive pair (minus the margin) are removed.
+        guide_margin, guide_margin_strategy: the guide threshold's margin, "absolute" or "relative".
 
     Returns:
         The loss in float32 (float64 for float64 inputs); shape () or (N,) for "none".
@@ -93,6 +101,10 @@ def fused_info_nce(
         partition_mode=partition_mode,
         hardness_mode=hardness_mode,
         hardness_strength=hardness_strength,
+        doc_to_doc_negatives=doc_to_doc_negatives,
+        guide=guide,
+        guide_margin=guide_margin,
+        guide_margin_strategy=guide_margin_strategy,
     )
     return info_nce_with_options(anchors, positives, negatives, labels, options)
 
@@ -101,7 +113,8 @@ def _n_logits(anchors, positives, negatives, options: InfoNCEOptions) -> int:
     n, p = anchors.shape[0], positives.shape[0]
     k = 0 if negatives is None else negatives.shape[0]
     extra = n * (int(options.anchor_negatives) + (2 if options.mix_lambda is not None else 0)
-                 + int(options.has_column_term)) + (p + k) * int(options.doc_to_doc)
+                 + int(options.has_column_term)) + (p + k if options.doc_to_doc_negatives else p) * int(
+        options.doc_to_doc)
     return n * (p + k + extra)
 
 

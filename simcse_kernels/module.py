@@ -41,6 +41,9 @@ class FusedInfoNCE(nn.Module):
         partition_mode: str = "joint",
         hardness_mode: str | None = None,
         hardness_strength: float = 0.0,
+        doc_to_doc_negatives: bool = True,
+        guide_margin: float = 0.0,
+        guide_margin_strategy: str = "absolute",
     ) -> None:
         super().__init__()
         # Validate every option once, here, with the same messages as the functional API.
@@ -61,6 +64,9 @@ class FusedInfoNCE(nn.Module):
             partition_mode=partition_mode,
             hardness_mode=hardness_mode,
             hardness_strength=hardness_strength,
+            doc_to_doc_negatives=doc_to_doc_negatives,
+            guide_margin=guide_margin,
+            guide_margin_strategy=guide_margin_strategy,
         )
         self.log_temperature: nn.Parameter | None = None
         if learnable_temperature:
@@ -79,10 +85,13 @@ class FusedInfoNCE(nn.Module):
         positives: torch.Tensor,
         negatives: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        guide: tuple | None = None,
     ) -> torch.Tensor:
+        """The loss; ``guide``: GIST's guide embeddings of this batch (see :func:`fused_info_nce`)."""
         options = self.options
-        if self.log_temperature is not None:
-            options = InfoNCEOptions(**{**options.__dict__, "temperature": self.temperature})
+        if self.log_temperature is not None or guide is not None:
+            temperature = self.temperature if self.log_temperature is not None else options.temperature
+            options = InfoNCEOptions(**{**options.__dict__, "temperature": temperature, "guide": guide})
         return info_nce_with_options(anchors, positives, negatives, labels, options)
 
     def extra_repr(self) -> str:

@@ -18,6 +18,7 @@ BACKENDS = ("auto", "naive", "torch", "triton", "cuda")
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 PARTITION_MODES = ("joint", "per_direction")
 HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
+GUIDE_MARGIN_STRATEGIES = ("absolute", "relative")
 
 Temperature = float | torch.Tensor
 
@@ -60,6 +61,14 @@ class InfoNCEOptions:
         hardness_mode: None, "in_batch_negatives", "hard_negatives" or "all_negatives": which
             query_to_doc logits get ``hardness_strength · stop_grad(sim)`` added (not divided by tau).
         hardness_strength: alpha >= 0 of the hardness term (0: off).
+        doc_to_doc_negatives: whether doc_to_doc's candidates include the negatives (True, ST's MNRL) or
+            are the positives only (False: GISTEmbedLoss's positive-positive block).
+        guide: GIST's guide embeddings ``(guide_anchors (N, G), guide_positives (P, G)[, guide_negatives
+            (K, G)])`` (detached inputs, compared by cosine), or None. A candidate term of row i whose
+            guide cosine exceeds the row's threshold (the guide cosine of its positive pair, minus
+            ``guide_margin`` or ``|·|·guide_margin``) is removed, except the positive itself.
+        guide_margin: the margin of the guide threshold (GIST's ``margin``).
+        guide_margin_strategy: "absolute" (threshold ``t - m``) or "relative" (``t - |t|·m``).
         chunk_budget_mib: memory budget (MiB) of the (R, M) gradient chunk of the row-chunked
             gradient paths (``"torch"`` and the fused backends); ``None``: the environment
             variable ``SIMCSE_KERNELS_CHUNK_MIB``, else 256 (the ``"torch"`` backend's symmetric
@@ -84,6 +93,10 @@ class InfoNCEOptions:
     partition_mode: str = "joint"
     hardness_mode: str | None = None
     hardness_strength: float = 0.0
+    doc_to_doc_negatives: bool = True
+    guide: tuple | None = None
+    guide_margin: float = 0.0
+    guide_margin_strategy: str = "absolute"
 
     @property
     def doc_to_query_joint(self) -> bool:
@@ -108,7 +121,7 @@ class InfoNCEOptions:
     @property
     def needs_own_docs(self) -> bool:
         """Options defined on sentence-transformers' layout (P = N, K = n·N, default labels)."""
-        return self.doc_to_query_joint or self.doc_to_doc or self.has_hardness
+        return self.doc_to_query_joint or self.doc_to_doc or self.has_hardness or self.guide is not None
 
     @property
     def has_margin(self) -> bool:
@@ -194,9 +207,25 @@ class InfoNCEOptions:
             object.__setattr__(self, "directions", canonical)
             object.__setattr__(self, "symmetric", per_dir_d2q)
             object.__setattr__(self, "anchor_negatives", "query_to_query" in dirs)
-        if self.mix_lambda is not None and (self.doc_to_query_joint or self.doc_to_doc or self.hardness_mode):
-            raise ValueError("mix_lambda (MixCSE) is not defined with a joint 'doc_to_query', 'doc_to_doc' or a "
-                             "hardness_mode (sentence-transformers' layout has no mixed blocks)")
+        if self.mix_lambda is not None and (self.doc_to_query_joint or self.doc_to_doc or self.hardness_mode
+                                            or self.guide is not None):
+            raise ValueError("mix_lambda (MixCSE) is not defined with a joint 'doc_to_query', 'doc_to_doc', a "
+                             "hardness_mode or a guide (sentence-transformers' layout has no mixed blocks)")
+        if not isinstance(self.doc_to_doc_negatives, bool):
+            raise TypeError(f"doc_to_doc_negatives must be a bool, got {self.doc_to_doc_negatives!r}")
+        gm = self.guide_margin
+        if isinstance(gm, bool) or not isinstance(gm, (int, float)) or not math.isfinite(gm):
+            raise ValueError(f"guide_margin must be a finite number, got {gm!r}")
+        if self.guide_margin_strategy not in GUIDE_MARGIN_STRATEGIES:
+            raise ValueError(f"guide_margin_strategy must be one of {GUIDE_MARGIN_STRATEGIES}, got "
+                             f"{self.guide_margin_strategy!r}")
+        g = self.guide
+        if g is not None and (not isinstance(g, (tuple, list)) or len(g) not in (2, 3)
+                              or not all(isinstance(t, torch.Tensor) for t in g)):
+            raise ValueError("guide must be None or a tuple of 2 or 3 tensors (guide_anchors, guide_positives"
+                             "[, guide_negatives])")
+        if g is not None:
+            object.__setattr__(self, "guide", tuple(g))
 
 
 def check_temperature_value(temperature: Temperature) -> None:

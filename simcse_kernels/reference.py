@@ -88,6 +88,16 @@ lse). The aliases: ``symmetric=True`` = (query_to_doc, doc_to_query) per_directi
 hardness need ST's layout: default labels, P = N, K a multiple of N; MixCSE is not defined with
 them (``ValueError``). Margins keep their meaning (the target entry only).
 
+Guide (GISTEmbedLoss, Solatorio 2024; ``guide=(ĝa, ĝp[, ĝn])``, ``guide_margin`` m): with the guide rows
+compared by cosine, row i's threshold is ``t_i = cos(ĝa_i, ĝp_i)`` and ``cut_i = t_i − m`` ("absolute") or
+``t_i − |t_i|·m`` ("relative"). Every term of row i whose guide cosine exceeds ``cut_i`` is removed (logit
+−inf, no gradient): query_to_doc ``cos(ĝa_i, ĝd_j)`` (never the positive j = i), query_to_query
+``cos(ĝa_i, ĝa_k)``, doc_to_doc ``cos(ĝp_i, ĝd_j)``; doc_to_query reads the masked query-doc block (its
+entry (k, i) is removed by row k's rule). ``doc_to_doc_negatives=False`` restricts doc_to_doc to the
+positives (GIST's positive-positive block). GIST is (query_to_doc [, query_to_query if contrast_anchors]
+[, doc_to_doc over the positives if contrast_positives]) joint with the guide. The guide needs ST's layout
+(default labels, P = N, K = n·N).
+
 Gradient: with ``L_i`` the joint lse of row i and ``g_i = ∂L/∂ℓ_i``, every term t of row i gets
 ``g_i·exp(t − L_i)``, the target ``QD_ii`` gets ``−g_i`` more. A query-doc positive entry
 ``S_kj`` is read twice: as ``QD_kj`` (row k, with h_kj) and as row j's doc_to_query term, so
@@ -203,6 +213,18 @@ def hardness_mask(n_rows: int, n_docs: int, mode: str | None, device) -> torch.T
     return j != i  # all_negatives: everything but the positive
 
 
+def guide_cosines(options: InfoNCEOptions, dtype: torch.dtype):
+    """``(ĝa (N, G), ĝp (P, G), ĝd = [ĝp; ĝn] (P + K, G), cut (N,))``: the normalized, detached guide rows in
+    ``dtype`` and each row's threshold (module docstring, "Guide")."""
+    rows = [F.normalize(t.detach().to(dtype), dim=-1, eps=NORM_EPS) for t in options.guide]
+    g_a, g_p = rows[0], rows[1]
+    g_docs = torch.cat(rows[1:]) if len(rows) > 2 else g_p
+    t = (g_a * g_p[: g_a.shape[0]]).sum(dim=1)
+    cut = t - options.guide_margin if options.guide_margin_strategy == "absolute" else \
+        t - t.abs() * options.guide_margin
+    return g_a, g_p, g_docs, cut
+
+
 def reference_logits(
     anchors: torch.Tensor,
     positives: torch.Tensor,
@@ -235,6 +257,12 @@ def reference_logits(
         delta = (margin_target_logit_cos(cos, options.margin, options.angular_margin) - cos) / tau
         qd = qd.scatter_add(1, labels[:, None], delta[:, None])
     # row i: column l_i of the positives block (no hardness)
+    guide = guide_cosines(options, dt) if options.guide is not None else None
+    if guide is not None:  # GIST: remove the candidates the guide finds at least as similar as the positive
+        g_a, g_p, g_docs, cut = guide
+        drop = (g_a @ g_docs.T) > cut[:, None]
+        drop[torch.arange(n_rows, device=a.device), labels] = False  # never the positive
+        qd = qd.masked_fill(drop, float("-inf"))
     doc_to_query = qd[:, :n_pos][:, labels].T if options.has_column_term else None
     mask = hardness_mask(n_rows, docs.shape[0], options.hardness_mode, a.device) if options.has_hardness else None
     if mask is not None:
@@ -247,7 +275,10 @@ def reference_logits(
         qd = qd + diag
     blocks = [qd]
     if options.anchor_negatives:
-        blocks.append((a @ a.T / tau).masked_fill(eye.bool(), float("-inf")))
+        qq = a @ a.T / tau
+        if guide is not None:
+            qq = qq.masked_fill((guide[0] @ guide[0].T) > guide[3][:, None], float("-inf"))
+        blocks.append(qq.masked_fill(eye.bool(), float("-inf")))
     if options.mix_lambda is not None:
         lam = options.mix_lambda
         mix3 = unit_rows_reference(mixed_features(positives.to(dt), lam))
@@ -257,9 +288,13 @@ def reference_logits(
         keep4 = 1.0 - torch.roll(eye, shifts=1, dims=1)  # zero at (i, i+1)
         blocks.append(keep4 * (mix4 @ p.T / tau) + w * eye)
     if options.doc_to_doc:
-        own = (torch.arange(docs.shape[0], device=a.device)[None, :] % n_rows) == torch.arange(
+        dd_docs = docs if options.doc_to_doc_negatives else p
+        own = (torch.arange(dd_docs.shape[0], device=a.device)[None, :] % n_rows) == torch.arange(
             n_rows, device=a.device)[:, None]
-        blocks.append((p @ docs.T / tau).masked_fill(own, float("-inf")))
+        dd = p @ dd_docs.T / tau
+        if guide is not None:
+            dd = dd.masked_fill((guide[1] @ guide[2][: dd_docs.shape[0]].T) > guide[3][:, None], float("-inf"))
+        blocks.append(dd.masked_fill(own, float("-inf")))
     if options.has_column_term:
         blocks.append(doc_to_query)
     return torch.cat(blocks, dim=1)
@@ -285,6 +320,10 @@ def info_nce_reference(
     partition_mode: str = "joint",
     hardness_mode: str | None = None,
     hardness_strength: float = 0.0,
+    doc_to_doc_negatives: bool = True,
+    guide: tuple | None = None,
+    guide_margin: float = 0.0,
+    guide_margin_strategy: str = "absolute",
 ) -> torch.Tensor:
     """Naive full-matrix InfoNCE (the oracle). Same arguments as :func:`fused_info_nce`.
 
@@ -306,6 +345,10 @@ def info_nce_reference(
         partition_mode=partition_mode,
         hardness_mode=hardness_mode,
         hardness_strength=hardness_strength,
+        doc_to_doc_negatives=doc_to_doc_negatives,
+        guide=guide,
+        guide_margin=guide_margin,
+        guide_margin_strategy=guide_margin_strategy,
     )
     negatives, labels = validate_inputs(anchors, positives, negatives, labels, options)
     return reference_loss(anchors, positives, negatives, labels, options)

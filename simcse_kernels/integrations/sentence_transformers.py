@@ -46,6 +46,11 @@ except ImportError:
     from sentence_transformers.losses import CachedMultipleNegativesRankingLoss as _STCachedMNRL
     from sentence_transformers.losses import MultipleNegativesRankingLoss as _STMNRL
 
+try:  # sentence-transformers >= 6
+    from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss as _STGIST
+except ImportError:
+    from sentence_transformers.losses import GISTEmbedLoss as _STGIST
+
 try:  # sentence-transformers >= 6: the GradCache mini-batch helpers (padding-trimmed slices, token budgets)
     from sentence_transformers.base.losses.gradcache import _create_minibatch, _minibatch_ranges
 except ImportError:  # older releases: plain slicing, mini_batch_size only
@@ -60,7 +65,8 @@ from ..functional import fused_info_nce
 from ..options import InfoNCEOptions
 from ..train.grad_cache import cuda_devices_of, embed_without_grad, replay_backward
 
-__all__ = ["FusedCachedMultipleNegativesRankingLoss", "FusedMultipleNegativesRankingLoss"]
+__all__ = ["FusedCachedGISTEmbedLoss", "FusedCachedMultipleNegativesRankingLoss", "FusedGISTEmbedLoss",
+           "FusedMultipleNegativesRankingLoss"]
 
 Q2D, Q2Q, D2Q, D2D = "query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"
 
@@ -383,3 +389,258 @@ class FusedCachedMultipleNegativesRankingLoss(FusedMultipleNegativesRankingLoss)
     def citation(self) -> str:
         """GradCache's BibTeX entry (Gao et al. 2021), as sentence-transformers' CachedMNRL gives."""
         return _STCachedMNRL.citation.fget(self)
+
+
+def _guide_features(loss, sentence_feature: dict[str, Any]) -> dict[str, Any]:
+    """The guide's input for one tokenized column: the same features when both models share a tokenizer
+    (and the guide's max_seq_length is not shorter), else the text decoded with the model's tokenizer and
+    tokenized for the guide (as sentence-transformers' GIST losses do)."""
+    if not loss.must_retokenize:
+        return dict(sentence_feature)  # a shallow copy: the guide writes its outputs into the dict
+    from sentence_transformers.util import batch_to_device
+
+    input_ids = sentence_feature["input_ids"]
+    if "cu_seq_lens_q" in sentence_feature:  # flattened inputs: one row of concatenated sequences
+        flat, bounds = input_ids[0].tolist(), sentence_feature["cu_seq_lens_q"].tolist()
+        input_ids = [flat[b:e] for b, e in zip(bounds[:-1], bounds[1:])]
+    texts = loss.model.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+    tokenize = getattr(loss.guide, "preprocess", None) or loss.guide.tokenize
+    return batch_to_device(tokenize(texts), loss.guide.device)
+
+
+class FusedGISTEmbedLoss(nn.Module):
+    """sentence-transformers' ``GISTEmbedLoss`` computed by :func:`fused_info_nce` with its ``guide`` option.
+
+    The loss of ST's GIST (Solatorio 2024): for anchor i, the candidates are every positive and negative
+    (query_to_doc), the other anchors (``contrast_anchors``: query_to_query) and positive i against the other
+    positives (``contrast_positives``: doc_to_doc over the positives, ``doc_to_doc_negatives=False``), at
+    ``temperature``; every candidate whose guide cosine exceeds the guide cosine of (anchor i, positive i)
+    minus the margin (``margin_strategy`` "absolute": ``- margin``, "relative": ``- |t|·margin``) is removed,
+    except the positive. The mask is computed per row chunk from the guide embeddings (the fused loss never
+    builds the N x M matrix; see :mod:`simcse_kernels.reference`, "Guide").
+
+    Args:
+        model: the ``SentenceTransformer`` being trained; guide: the guide ``SentenceTransformer`` (run without
+            gradient). temperature, margin_strategy, margin, contrast_anchors, contrast_positives,
+            gather_across_devices: as sentence-transformers' GISTEmbedLoss (gathering across several
+            processes is not implemented yet: ``NotImplementedError`` in a distributed run).
+        backend, check_inputs: as :func:`fused_info_nce`.
+
+    Inputs (``forward``): 2 or 3 tokenized columns (anchor, positive[, negative]) of B rows; ``labels`` ignored.
+    Returns the () mean loss over the anchors.
+    """
+
+    def __init__(
+        self,
+        model: SentenceTransformer,
+        guide: SentenceTransformer,
+        temperature: float = 0.01,
+        margin_strategy: str = "absolute",
+        margin: float = 0.0,
+        contrast_anchors: bool = True,
+        contrast_positives: bool = True,
+        gather_across_devices: bool = False,
+        *,
+        backend: str = "auto",
+        check_inputs: bool = True,
+    ) -> None:
+        super().__init__()
+        from transformers import PreTrainedTokenizerBase
+
+        self.model = model
+        self.guide = guide
+        if not hasattr(model, "tokenizer") or not hasattr(guide, "tokenizer"):
+            raise ValueError("Both the training model and the guiding model must have a tokenizer attribute.")
+        if not isinstance(model.tokenizer, PreTrainedTokenizerBase) or not isinstance(
+                guide.tokenizer, PreTrainedTokenizerBase):
+            raise ValueError("Both the training model and the guiding model must use a PreTrainedTokenizer from "
+                             "transformers.")
+        self.must_retokenize = (model.tokenizer.get_vocab() != guide.tokenizer.get_vocab()
+                                or guide.max_seq_length < model.max_seq_length)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        self.temperature = temperature
+        if margin_strategy not in ("absolute", "relative"):
+            raise ValueError("margin_strategy must be 'absolute' or 'relative'.")
+        self.margin_strategy = margin_strategy
+        self.margin = margin
+        self.contrast_anchors = contrast_anchors
+        self.contrast_positives = contrast_positives
+        self.gather_across_devices = gather_across_devices
+        from ..options import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        self.check_inputs = bool(check_inputs)
+        directions = (Q2D,) + ((Q2Q,) if contrast_anchors else ()) + ((D2D,) if contrast_positives else ())
+        self._loss_options = dict(directions=directions, doc_to_doc_negatives=False, guide_margin=float(margin),
+                                  guide_margin_strategy=margin_strategy)
+        InfoNCEOptions(temperature=float(temperature), backend=backend, **self._loss_options)  # checks them once
+
+    def _check_columns(self, n_columns: int) -> None:
+        if n_columns not in (2, 3):
+            raise ValueError(f"Expected 2 or 3 embeddings, got {n_columns}")
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+        """Embed every column with the model (and, without gradient, the guide) and return the () loss."""
+        sentence_features = list(sentence_features)
+        self._check_columns(len(sentence_features))
+        guide_features = [_guide_features(self, f) for f in sentence_features]
+        embeddings = _embed_columns(self.model, sentence_features)
+        with torch.no_grad():
+            guide_embeddings = _embed_columns(self.guide, guide_features)
+        return self.compute_loss_from_embeddings(embeddings, guide_embeddings)
+
+    def compute_loss_from_embeddings(self, embeddings: list[Tensor], guide_embeddings: list[Tensor]) -> Tensor:
+        """The loss from the model's and the guide's column embeddings ((B, D) and (B, G) each)."""
+        if self.gather_across_devices and _dist_rank_world()[1] > 1:
+            # TODO(issue 22): ST gathers the candidates only (the anchor-anchor block stays local)
+            raise NotImplementedError("gather_across_devices=True across several processes is not implemented yet "
+                                      "for the fused GIST losses; use sentence-transformers' GISTEmbedLoss")
+        anchors, positives = embeddings[0], embeddings[1]
+        negatives = torch.cat(embeddings[2:]) if len(embeddings) > 2 else None
+        guide = tuple(g.detach().to(anchors.device) for g in guide_embeddings[:2])
+        if len(guide_embeddings) > 2:
+            guide = guide + (torch.cat(guide_embeddings[2:]).detach().to(anchors.device),)
+        return fused_info_nce(anchors, positives, negatives, temperature=float(self.temperature),
+                              backend=self.backend, check_inputs=self.check_inputs, guide=guide, **self._loss_options)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        """sentence-transformers' GISTEmbedLoss config (for model cards), and ``backend``."""
+        return {
+            "guide": self.guide,
+            "temperature": self.temperature,
+            "margin_strategy": self.margin_strategy,
+            "margin": self.margin,
+            "contrast_anchors": self.contrast_anchors,
+            "contrast_positives": self.contrast_positives,
+            "gather_across_devices": self.gather_across_devices,
+            "backend": self.backend,
+        }
+
+    @property
+    def citation(self) -> str:
+        """GISTEmbed's BibTeX entry, as sentence-transformers gives."""
+        return _STGIST.citation.fget(self)
+
+
+class FusedCachedGISTEmbedLoss(FusedGISTEmbedLoss):
+    """sentence-transformers' ``CachedGISTEmbedLoss``: :class:`FusedGISTEmbedLoss` with GradCache.
+
+    Step 1 embeds every column in mini-batches without autograd with the model (RNG state recorded) and the
+    guide; step 2 computes the fused loss over the whole batch and its gradient w.r.t. the model's
+    embeddings; step 3 (in the backward of the returned loss) re-embeds each mini-batch with the model under
+    its replayed RNG state and back-propagates the cached gradient (:mod:`simcse_kernels.train.grad_cache`).
+    Any number of negative columns, as ST's cached GIST.
+
+    Args:
+        model, guide, temperature, margin_strategy, margin, contrast_anchors, contrast_positives,
+        gather_across_devices, backend, check_inputs: as :class:`FusedGISTEmbedLoss`.
+        mini_batch_size, mini_batch_num_tokens, show_progress_bar: as sentence-transformers'.
+    """
+
+    def __init__(
+        self,
+        model: SentenceTransformer,
+        guide: SentenceTransformer,
+        temperature: float = 0.01,
+        mini_batch_size: int = 32,
+        mini_batch_num_tokens: int | None = None,
+        show_progress_bar: bool = False,
+        margin_strategy: str = "absolute",
+        margin: float = 0.0,
+        contrast_anchors: bool = True,
+        contrast_positives: bool = True,
+        gather_across_devices: bool = False,
+        *,
+        backend: str = "auto",
+        check_inputs: bool = True,
+    ) -> None:
+        super().__init__(model, guide, temperature, margin_strategy, margin, contrast_anchors, contrast_positives,
+                         gather_across_devices, backend=backend, check_inputs=check_inputs)
+        if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size <= 0:
+            raise ValueError(f"mini_batch_size must be a positive int, got {mini_batch_size!r}")
+        if mini_batch_num_tokens is not None and (isinstance(mini_batch_num_tokens, bool) or not isinstance(
+                mini_batch_num_tokens, int) or mini_batch_num_tokens <= 0 or _minibatch_ranges is None):
+            raise ValueError(f"mini_batch_num_tokens must be a positive int or None (sentence-transformers >= 6), "
+                             f"got {mini_batch_num_tokens!r}")
+        self.mini_batch_size = mini_batch_size
+        self.mini_batch_num_tokens = mini_batch_num_tokens
+        self.show_progress_bar = bool(show_progress_bar)
+
+    minibatches = FusedCachedMultipleNegativesRankingLoss.minibatches
+
+    def _check_columns(self, n_columns: int) -> None:
+        if n_columns < 2:
+            raise ValueError(f"Expected at least 2 input columns (anchor, positive), got {n_columns}")
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+        """Steps 1-2 now, step 3 in the backward of the returned () loss (see the class docstring)."""
+        sentence_features = list(sentence_features)
+        self._check_columns(len(sentence_features))
+        columns = [self.minibatches(f) for f in sentence_features]
+        chunks = [mb for column in columns for mb in column]
+        model, guide_out, first_pass = self.model, [], [True]
+
+        def embed(mb):  # step 1 also runs the guide (after the model, as ST's cached GIST); step 3 only the model
+            reps = _sentence_embedding(model, dict(mb))
+            if first_pass[0]:
+                with torch.no_grad():
+                    guide_out.append(_sentence_embedding(self.guide, _guide_features(self, mb)))
+            return reps
+
+        grad_enabled = torch.is_grad_enabled()
+        flat, states = embed_without_grad(embed, chunks, cuda_devices=cuda_devices_of(model),
+                                          show_progress_bar=self.show_progress_bar)
+        first_pass[0] = False
+        flat = [r.requires_grad_(grad_enabled) for r in flat]
+        reps, guide_reps, start = [], [], 0
+        for column in columns:
+            reps.append(flat[start: start + len(column)])
+            guide_reps.append(guide_out[start: start + len(column)])
+            start += len(column)
+        if not grad_enabled:
+            return self.calculate_loss(reps, guide_reps)
+        loss = self.calculate_loss(reps, guide_reps, with_backward=True)
+        cached = [r.grad if r.grad is not None else torch.zeros_like(r) for r in flat]
+        del flat, reps
+        show = self.show_progress_bar
+
+        def _hook(grad_output: Tensor) -> None:
+            replay_backward(embed, chunks, states, cached, grad_output=grad_output, show_progress_bar=show)
+
+        out = loss.detach().requires_grad_(True)
+        out.register_hook(_hook)
+        return out
+
+    def calculate_loss(self, reps: list[list[Tensor]], reps_guided: list[list[Tensor]], *,
+                       with_backward: bool = False) -> Tensor:
+        """Step 2 from each column's mini-batch embeddings (model ``reps``, guide ``reps_guided``), as ST's cached
+        GIST: with ``with_backward`` the loss is back-propagated to ``reps`` and returned detached."""
+        loss = self.compute_loss_from_embeddings([torch.cat(c) for c in reps], [torch.cat(c) for c in reps_guided])
+        if with_backward:
+            loss.backward()
+            loss = loss.detach()
+        return loss
+
+    def get_config_dict(self) -> dict[str, Any]:
+        """sentence-transformers' CachedGISTEmbedLoss config (for model cards), and ``backend``."""
+        return {
+            "guide": self.guide,
+            "temperature": self.temperature,
+            "mini_batch_size": self.mini_batch_size,
+            "mini_batch_num_tokens": self.mini_batch_num_tokens,
+            "margin_strategy": self.margin_strategy,
+            "margin": self.margin,
+            "contrast_anchors": self.contrast_anchors,
+            "contrast_positives": self.contrast_positives,
+            "gather_across_devices": self.gather_across_devices,
+            "backend": self.backend,
+        }
+
+    @property
+    def citation(self) -> str:
+        """None, as sentence-transformers' CachedGISTEmbedLoss, which has no ``citation`` (model cards check
+        ``hasattr``): reading it raises AttributeError."""
+        raise AttributeError("CachedGISTEmbedLoss has no citation in sentence-transformers")

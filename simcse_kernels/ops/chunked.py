@@ -36,7 +36,7 @@ import torch
 
 from ..errors import refuse_double_backward
 from ..options import InfoNCEOptions
-from ..reference import margin_target_grad, margin_target_logit_cos
+from ..reference import guide_cosines, margin_target_grad, margin_target_logit_cos
 from .budget import budget_is_set, chunk_budget_bytes, rows_per_chunk
 from .features import LogitBlock, NormalizedFeatures, logit_blocks
 
@@ -126,9 +126,17 @@ def _chunk(
     logits = cos / tau
     n = rows.shape[0]
     query_doc = block.rows == "anchors" and block.cols in ("positives", "negatives")
+    offset = 0 if block.cols == "positives" else tensors["positives"].shape[0]
     if margins is not None and query_doc:
-        offset = 0 if block.cols == "positives" else tensors["positives"].shape[0]
         _add_target_delta(logits, labels, margins.delta, j0 + offset)
+    if options.guide is not None:  # GIST: drop what the guide finds as similar as the positive (never the target)
+        drop = (tensors["g_" + block.rows] @ tensors["g_" + block.cols][j0:j1].T) > tensors["g_cut"][:, None]
+        if query_doc:
+            local = labels - offset - j0
+            inside = (local >= 0) & (local < j1 - j0)
+            at = (torch.arange(n, device=rows.device), local.clamp(0, j1 - j0 - 1))
+            drop[at] = drop[at] & ~inside
+        logits = logits.masked_fill(drop, float("-inf"))
     base = logits
     if query_doc and options.has_hardness:
         if block.cols == "negatives" and options.hardness_mode == "all_negatives":
@@ -157,12 +165,21 @@ def _chunk(
     return cos, logits, const, base
 
 
+def _guide_tensors(options: InfoNCEOptions, dtype: torch.dtype, n_pos: int) -> dict[str, torch.Tensor]:
+    """GIST's normalized guide rows by block operand name (``g_anchors``, ``g_positives``, ``g_negatives``)
+    and each row's threshold ``g_cut`` (:func:`simcse_kernels.reference.guide_cosines`); {} without a guide."""
+    if options.guide is None:
+        return {}
+    g_a, g_p, g_docs, cut = guide_cosines(options, dtype)
+    return {"g_anchors": g_a, "g_positives": g_p, "g_negatives": g_docs[n_pos:], "g_cut": cut}
+
+
 def _row_blocks(negatives, mix3, options: InfoNCEOptions) -> list[LogitBlock]:
     """Every logit block of a row: :func:`logit_blocks` plus doc_to_doc's positives-row blocks."""
     blocks = logit_blocks(negatives is not None, options.anchor_negatives, mix3 is not None)
     if options.doc_to_doc:
         blocks.append(LogitBlock("positives", "positives", "owndoc"))
-        if negatives is not None:
+        if negatives is not None and options.doc_to_doc_negatives:
             blocks.append(LogitBlock("positives", "negatives", "owndoc"))
     return blocks
 
@@ -177,6 +194,7 @@ class ChunkedInfoNCEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchors, positives, negatives, mix3, mix4, tau, labels, options, chunk_size):
         tensors = {"anchors": anchors, "positives": positives, "negatives": negatives, "mix3": mix3, "mix4": mix4}
+        tensors.update(_guide_tensors(options, anchors.dtype, positives.shape[0]))
         n, n_pos = anchors.shape[0], positives.shape[0]
         w = options.hard_negative_weight
         candidates = positives if negatives is None else torch.cat([positives, negatives])
@@ -215,6 +233,7 @@ class ChunkedInfoNCEFunction(torch.autograd.Function):
         symmetric = options.symmetric
         margins = ctx.margins
         tensors = {"anchors": anchors, "positives": positives, "negatives": negatives, "mix3": mix3, "mix4": mix4}
+        tensors.update(_guide_tensors(options, anchors.dtype, positives.shape[0]))
         g = grad_loss.to(anchors.dtype)
         row_weight = 0.5 * g if symmetric else g
         col_weight = col_shift = None
@@ -374,19 +393,46 @@ class _Layout:
     ``mg``: the columns whose operand needs a gradient (mix3 is detached). ``pk``: P + K, the docs.
     """
 
-    def __init__(self, n: int, n_pos: int, n_neg: int, anchor_negatives: bool, mix: bool, doc_to_doc: bool = False):
+    def __init__(self, n: int, n_pos: int, n_neg: int, anchor_negatives: bool, mix: bool, doc_to_doc: bool = False,
+                 doc_to_doc_negatives: bool = True):
         self.n, self.p, self.k = n, n_pos, n_neg
         self.pk = n_pos + n_neg
+        self.dd_w = self.pk if doc_to_doc_negatives else n_pos  # doc_to_doc's columns
         self.o_self = n_pos + n_neg if anchor_negatives else None
         self.mg = n_pos + n_neg + (n if anchor_negatives else 0)
         self.o_mix3 = self.mg if mix else None
         self.mc = self.mg + (n if mix else 0)
         self.o_mix4 = self.mc if mix else None
         self.o_dd = self.mc + (n if mix else 0) if doc_to_doc else None
-        self.m = self.mc + (n if mix else 0) + (self.pk if doc_to_doc else 0)
+        self.m = self.mc + (n if mix else 0) + (self.dd_w if doc_to_doc else 0)
 
 
-def _fill_logits(buf, rows_s, mix4_s, cols, lay: _Layout, r0: int, r1: int, docs_s=None, labels=None, delta=None):
+class _ScalarGuide(NamedTuple):
+    """GIST's guide on the scalar path: normalized guide rows laid out like the logit operands, each row's
+    threshold and an (R·M) scratch buffer for a chunk's guide cosines."""
+
+    rows: torch.Tensor  # (N, G) ĝa
+    cols: torch.Tensor  # (mc, G) [ĝp; ĝn; ĝa]
+    docs_rows: torch.Tensor  # (P, G) ĝp
+    docs_cols: torch.Tensor  # (dd_w, G)
+    cut: torch.Tensor  # (N,)
+    scratch: torch.Tensor  # (R·M,)
+
+
+def _guide_mask_(buf, guide: _ScalarGuide, lay: _Layout, r0: int, r1: int, labels) -> None:
+    """Set to -inf the logits of rows [r0, r1) whose guide cosine exceeds the row's threshold (never the
+    target ``labels[i]``); the guide cosines of the chunk are computed into ``guide.scratch`` (R x M)."""
+    r = r1 - r0
+    g = guide.scratch[: r * lay.m].view(r, lay.m)
+    torch.mm(guide.rows[r0:r1], guide.cols.T, out=g[:, : lay.mc])
+    if lay.o_dd is not None:
+        torch.mm(guide.docs_rows[r0:r1], guide.docs_cols.T, out=g[:, lay.o_dd:])
+    g.view(-1)[torch.arange(r, device=buf.device) * lay.m + labels[r0:r1]] = float("-inf")
+    buf.masked_fill_(g > guide.cut[r0:r1, None], float("-inf"))
+
+
+def _fill_logits(buf, rows_s, mix4_s, cols, lay: _Layout, r0: int, r1: int, docs_s=None, labels=None, delta=None,
+                 guide=None):
     """Logits of anchor rows [r0, r1) into ``buf`` (R, M_total) without the hardness term and the
     hard-negative weight (:func:`_finish_query_doc` adds them, after the doc_to_query terms have read
     the positives block); returns the flat indices of constant (MixCSE-masked) entries, or None.
@@ -395,7 +441,7 @@ def _fill_logits(buf, rows_s, mix4_s, cols, lay: _Layout, r0: int, r1: int, docs
         buf: (R, M_total) contiguous output; rows_s: (N, D) â / tau; mix4_s: (N, D) or None;
         cols: (mc, D) concatenated column operands [p̂; n̂; â; mix3̂]; lay: the layout; docs_s: (P, D)
         p̂ / tau (doc_to_doc rows) or None; labels (N,) and delta (N,) or None: the margins' change of
-        each target logit (:class:`TargetMargin`).
+        each target logit (:class:`TargetMargin`); guide: :class:`_ScalarGuide` or None.
     """
     dev = buf.device
     m = lay.m
@@ -403,7 +449,9 @@ def _fill_logits(buf, rows_s, mix4_s, cols, lay: _Layout, r0: int, r1: int, docs
     if lay.o_mix4 is not None:
         torch.mm(mix4_s[r0:r1], cols[: lay.p].T, out=buf[:, lay.o_mix4: lay.o_mix4 + lay.n])
     if lay.o_dd is not None:
-        torch.mm(docs_s[r0:r1], cols[: lay.pk].T, out=buf[:, lay.o_dd:])
+        torch.mm(docs_s[r0:r1], cols[: lay.dd_w].T, out=buf[:, lay.o_dd:])
+    if guide is not None:
+        _guide_mask_(buf, guide, lay, r0, r1, labels)
     rows = torch.arange(r1 - r0, device=dev)
     glob = rows + r0
     flat = buf.view(-1)
@@ -413,7 +461,7 @@ def _fill_logits(buf, rows_s, mix4_s, cols, lay: _Layout, r0: int, r1: int, docs
     if lay.o_self is not None:
         flat[base + lay.o_self + glob] = float("-inf")
     if lay.o_dd is not None:  # doc_to_doc: doc i's own docs (itself and negatives k·N + i) are left out
-        own = torch.arange(0, lay.pk, lay.n, device=dev)
+        own = torch.arange(0, lay.dd_w, lay.n, device=dev)
         flat[(base + lay.o_dd + glob)[:, None] + own[None, :]] = float("-inf")
     if lay.o_mix3 is None:
         return None
@@ -461,16 +509,19 @@ def _column_exp_(s: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torc
     """``out = exp(s - colmax)`` for a finite (R, P) ``s`` (``out`` may be ``s``); returns
     ``(colmax, colsum)``, (P,) each: the column log-sum-exp is ``colmax + log(colsum)``.
 
-    Four passes and no temporary (``torch.logsumexp(s, 0)`` allocates an (R, P) one).
+    Four passes and no temporary (``torch.logsumexp(s, 0)`` allocates an (R, P) one). A column that is -inf
+    in every row (a guide can remove all of a chunk's entries of a column) gets colmax 0 and colsum 0 (its
+    log-sum-exp -inf), not NaN.
     """
     colmax = s.amax(dim=0)
+    colmax = colmax.masked_fill(colmax == float("-inf"), 0.0)
     torch.sub(s, colmax, out=out)
     out.exp_()
     return colmax, out.sum(dim=0)
 
 
 def _column_lse(rows_s, mix4_s, cols, lay: _Layout, rows_per: int, buf, cache, docs_s=None, labels=None,
-                delta=None, joint=None):
+                delta=None, joint=None, guide=None):
     """First pass of a loss with doc_to_query terms when the rows take several chunks: the
     log-sum-exp over all anchors of each positive's column, (P,) (before the hardness term).
 
@@ -490,7 +541,7 @@ def _column_lse(rows_s, mix4_s, cols, lay: _Layout, rows_per: int, buf, cache, d
         scratch = buf.view(-1)[: (r1 - r0) * lay.p].view(r1 - r0, lay.p)
         if joint is not None:
             rows = buf.view(-1)[: (r1 - r0) * lay.m].view(r1 - r0, lay.m)
-            _fill_logits(rows, rows_s, mix4_s, cols, lay, r0, r1, docs_s, labels, delta)
+            _fill_logits(rows, rows_s, mix4_s, cols, lay, r0, r1, docs_s, labels, delta, guide)
             colmax, colsum = _column_exp_(rows[:, : lay.p], out=torch.empty_like(rows[:, : lay.p]))
             clse = torch.logaddexp(clse, colmax + colsum.log())
             _finish_query_doc(rows, lay, r0, r1, *joint)
@@ -499,11 +550,16 @@ def _column_lse(rows_s, mix4_s, cols, lay: _Layout, rows_per: int, buf, cache, d
             continue
         if r0 >= first_kept:
             rows = cache[r0 - first_kept: r1 - first_kept]
-            consts[r0] = _fill_logits(rows, rows_s, mix4_s, cols, lay, r0, r1, docs_s, labels, delta)
+            consts[r0] = _fill_logits(rows, rows_s, mix4_s, cols, lay, r0, r1, docs_s, labels, delta, guide)
             s = rows[:, : lay.p]  # no constant entries in the positives block
         else:
             s = scratch
             torch.mm(rows_s[r0:r1], cols[: lay.p].T, out=s)
+            if guide is not None:
+                g = guide.rows[r0:r1] @ guide.cols[: lay.p].T
+                _add_target_delta(g, labels[r0:r1], torch.full((r1 - r0,), float("-inf"), device=g.device,
+                                                                dtype=g.dtype), 0)
+                s.masked_fill_(g > guide.cut[r0:r1, None], float("-inf"))
             if delta is not None:
                 _add_target_delta(s, labels[r0:r1], delta[r0:r1], 0)
         colmax, colsum = _column_exp_(s, out=scratch)
@@ -536,7 +592,8 @@ def _scalar_pass(anchors, positives, negatives, mix3, mix4, tau, labels, options
     n, d = anchors.shape
     n_pos, n_neg = positives.shape[0], 0 if negatives is None else negatives.shape[0]
     dev, dt = anchors.device, anchors.dtype
-    lay = _Layout(n, n_pos, n_neg, anchor_negatives, mix3 is not None, options.doc_to_doc)
+    lay = _Layout(n, n_pos, n_neg, anchor_negatives, mix3 is not None, options.doc_to_doc,
+                  options.doc_to_doc_negatives)
     parts = [positives] + ([negatives] if n_neg else []) + ([anchors] if anchor_negatives else [])
     parts += [mix3] if mix3 is not None else []
     cols = torch.cat(parts) if len(parts) > 1 else positives
@@ -551,6 +608,12 @@ def _scalar_pass(anchors, positives, negatives, mix3, mix4, tau, labels, options
     d_target = torch.empty(n, device=dev, dtype=dt) if margins is not None and any_grad else None
     buf_all = torch.empty(rows_per * lay.m, device=dev, dtype=dt)
     finish = (w, options, tau)
+    guide = None
+    if options.guide is not None:
+        g_a, g_p, g_docs, cut = guide_cosines(options, dt)
+        g_cols = torch.cat([g_docs] + ([g_a] if anchor_negatives else []))
+        guide = _ScalarGuide(rows=g_a, cols=g_cols, docs_rows=g_p, docs_cols=g_docs[: lay.dd_w], cut=cut,
+                             scratch=torch.empty(rows_per * lay.m, device=dev, dtype=dt))
     clse = cshift = log_counts = cache = joint_lse = tbuf = None
     kept_consts = {}
     one_chunk = rows_per >= n  # doc_to_query: the column LSEs come from the chunk itself, no first pass
@@ -561,7 +624,7 @@ def _scalar_pass(anchors, positives, negatives, mix3, mix4, tau, labels, options
                 first_kept = n - cache_rows
                 cache = torch.empty(cache_rows, lay.m, device=dev, dtype=dt)
             clse, kept_consts, row_lse = _column_lse(rows_s, mix4_s, cols, lay, rows_per, buf_all, cache, docs_s,
-                                                     labels, delta, finish if joint else None)
+                                                     labels, delta, finish if joint else None, guide)
             if joint:
                 joint_lse = torch.logaddexp(row_lse, clse)  # L_i: row i's terms and column i
         if symmetric:
@@ -572,7 +635,7 @@ def _scalar_pass(anchors, positives, negatives, mix3, mix4, tau, labels, options
     # which differentiable columns [lo, hi) of the dC GEMM are needed
     lo = 0 if need_p else (n_pos if need_n else n_pos + n_neg)
     hi = lay.mg if (need_a and anchor_negatives) else (n_pos + n_neg if need_n else (n_pos if need_p else 0))
-    dd_lo, dd_hi = (0 if need_p else n_pos), (lay.pk if need_n else (n_pos if need_p else 0))
+    dd_lo, dd_hi = (0 if need_p else n_pos), (lay.dd_w if need_n else (n_pos if need_p else 0))
     has_dd = lay.o_dd is not None
     grads = None
     if any_grad:
@@ -592,7 +655,7 @@ def _scalar_pass(anchors, positives, negatives, mix3, mix4, tau, labels, options
             const = kept_consts[r0]
         else:
             buf = buf_all[: r * lay.m].view(r, lay.m)
-            const = _fill_logits(buf, rows_s, mix4_s, cols, lay, r0, r1, docs_s, labels, delta)
+            const = _fill_logits(buf, rows_s, mix4_s, cols, lay, r0, r1, docs_s, labels, delta, guide)
         tcol = tbuf[: r * n_pos].view(r, n_pos) if tbuf is not None else None
         if column and one_chunk:
             # the column terms exp(s_ij - clse_j) from exp(s - colmax): no separate LSE pass
@@ -649,7 +712,7 @@ def _scalar_pass(anchors, positives, negatives, mix3, mix4, tau, labels, options
         if has_dd:
             dd = probs[:, lay.o_dd:]
             if grads["dDrow"] is not None:
-                torch.mm(dd, cols[: lay.pk], out=grads["dDrow"][r0:r1])
+                torch.mm(dd, cols[: lay.dd_w], out=grads["dDrow"][r0:r1])
             if dd_hi > dd_lo:
                 acc = grads["dC"][dd_lo:dd_hi]
                 torch.addmm(acc, dd[:, dd_lo:dd_hi].T, positives[r0:r1], out=acc)
@@ -749,10 +812,11 @@ def chunked_scalar_loss(
     n, n_pos = a.shape[0], p.shape[0]
     n_neg = 0 if neg is None else neg.shape[0]
     budget = options.chunk_budget_mib
-    lay = _Layout(n, n_pos, n_neg, options.anchor_negatives, feats.mix3 is not None, options.doc_to_doc)
-    if rows_per is None:
-        rows_per = scalar_rows_per_chunk(n, lay.m, n_pos, options.has_column_term, a.element_size(),
-                                         a.device.type, budget)
+    lay = _Layout(n, n_pos, n_neg, options.anchor_negatives, feats.mix3 is not None, options.doc_to_doc,
+                  options.doc_to_doc_negatives)
+    if rows_per is None:  # a guide's cosines take a second (R, M) buffer
+        rows_per = scalar_rows_per_chunk(n, lay.m * (2 if options.guide is not None else 1), n_pos,
+                                         options.has_column_term, a.element_size(), a.device.type, budget)
     cache_rows = 0
     if options.symmetric:
         operands = [t for t in (a, p, neg, feats.mix3, feats.mix4) if t is not None]

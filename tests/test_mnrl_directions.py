@@ -265,3 +265,14 @@ def test_fused_backends_route_to_torch_under_auto(monkeypatch):
         with pytest.raises(NotImplementedError, match="not yet implemented in backend") as info:
             fused_info_nce(a, p, neg, backend=backend, **opts)
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="runs the Triton kernels in the interpreter (TRITON_INTERPRET=1)")
+def test_aliases_spelled_as_directions_stay_on_triton():
+    """(query_to_doc, doc_to_query) per_direction and (query_to_doc, query_to_query) joint are the aliases'
+    configurations: the Triton backend computes them (no NotImplementedError), equal to the float64 truth."""
+    cols = _columns(1, "cosine", 12, dtype=torch.float32)
+    for opts in (dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"),
+                 dict(directions=("query_to_doc", "query_to_query"))):
+        assert_backend_matches_reference("triton", cols[0], cols[1], cols[2], tau=torch.tensor(0.05), **opts)

@@ -20,6 +20,12 @@ Two paths (the math is written in :mod:`simcse_kernels.reference`):
   Under ``no_grad`` (or when no input requires grad) only the loss is computed.
   Each row's loss is ``-log σ_{i,l_i}`` (exact while σ is a normal float) or else
   ``m_i - log max_j σ_ij - s_{i,l_i}`` (never underflows), chosen without a host sync.
+  sentence-transformers' directions (issue 22): doc_to_doc is a (P, P + K) block of positives rows in
+  the same buffer (its own GEMMs: 3 per block); the hardness term rescales the selected query-doc
+  entries in place (``sim/tau·(1 + alpha·tau)``, after the doc_to_query terms read the positives block);
+  a joint doc_to_query needs each row's full log-sum-exp before any column term, so in several chunks a
+  first pass computes every row (4 GEMM-equivalents per block; one chunk: 3). A GIST guide masks each
+  chunk from one guide-cosine GEMM per pass (G dims, no backward).
 * ``reduction="none"``: :class:`ChunkedInfoNCEFunction`: column chunks with an online
   log-sum-exp in forward; backward recomputes every chunk from the saved LSEs and accumulates
   the gradients with two matmuls per chunk (4 GEMM-equivalents; the per-row upstream gradient is

@@ -32,6 +32,14 @@ def fused_info_nce(
     margin: float = 0.0,
     angular_margin: float = 0.0,
     similarity: str = "cosine",
+    directions: tuple[str, ...] | None = None,
+    partition_mode: str = "joint",
+    hardness_mode: str | None = None,
+    hardness_strength: float = 0.0,
+    doc_to_doc_negatives: bool = True,
+    guide: tuple | None = None,
+    guide_margin: float = 0.0,
+    guide_margin_strategy: str = "absolute",
 ) -> torch.Tensor:
     """InfoNCE over cosine similarities, without materializing the N x M matrix.
 
@@ -60,6 +68,18 @@ def fused_info_nce(
         angular_margin: angular margin in radians, [0, pi), on each target: ``cos(theta + m)``
             (ArcFace, ArcCSE); combines with ``margin``.
         similarity: "cosine" (default) or "dot" (raw dot products ``a_i·c_j / tau``).
+        directions: sentence-transformers' MNRL terms, a tuple of "query_to_doc" (required),
+            "query_to_query", "doc_to_query", "doc_to_doc"; None: from ``symmetric`` /
+            ``anchor_negatives`` (their aliases).
+        partition_mode: "joint" (one log-sum-exp over every term) or "per_direction" (mean of the
+            directions' log-sum-exps; query_to_doc / doc_to_query only).
+        hardness_mode: None | "in_batch_negatives" | "hard_negatives" | "all_negatives": the
+            query_to_doc logits that get ``hardness_strength · stop_grad(sim)`` (not divided by tau).
+        hardness_strength: alpha >= 0 of the hardness term.
+        doc_to_doc_negatives: False: doc_to_doc against the positives only (GIST's positive-positive block).
+        guide: GIST's guide embeddings ``(guide_anchors, guide_positives[, guide_negatives])``: candidates the
+            guide finds more similar than the row's positive pair (minus the margin) are removed.
+        guide_margin, guide_margin_strategy: the guide threshold's margin, "absolute" or "relative".
 
     Returns:
         The loss in float32 (float64 for float64 inputs); shape () or (N,) for "none".
@@ -78,6 +98,14 @@ def fused_info_nce(
         margin=margin,
         angular_margin=angular_margin,
         similarity=similarity,
+        directions=directions,
+        partition_mode=partition_mode,
+        hardness_mode=hardness_mode,
+        hardness_strength=hardness_strength,
+        doc_to_doc_negatives=doc_to_doc_negatives,
+        guide=guide,
+        guide_margin=guide_margin,
+        guide_margin_strategy=guide_margin_strategy,
     )
     return info_nce_with_options(anchors, positives, negatives, labels, options)
 
@@ -85,7 +113,9 @@ def fused_info_nce(
 def _n_logits(anchors, positives, negatives, options: InfoNCEOptions) -> int:
     n, p = anchors.shape[0], positives.shape[0]
     k = 0 if negatives is None else negatives.shape[0]
-    extra = n * (int(options.anchor_negatives) + (2 if options.mix_lambda is not None else 0))
+    extra = n * (int(options.anchor_negatives) + (2 if options.mix_lambda is not None else 0)
+                 + int(options.has_column_term)) + (p + k if options.doc_to_doc_negatives else p) * int(
+        options.doc_to_doc)
     return n * (p + k + extra)
 
 
@@ -108,6 +138,12 @@ def info_nce_with_options(
             raise NotImplementedError(f"margin, angular_margin and similarity='dot' are not yet implemented in "
                                       f"backend {backend!r}; use backend='triton', 'torch' or 'naive'")
         backend = "torch"  # auto: the chunked torch backend implements them
+    if backend in ("triton", "cuda") and options.needs_own_docs:
+        # TODO(issue 22): a joint doc_to_query, doc_to_doc and hardness in the Triton / CUDA kernels
+        if options.backend != "auto":
+            raise NotImplementedError(f"a joint 'doc_to_query', 'doc_to_doc' and hardness_mode are not yet "
+                                      f"implemented in backend {backend!r}; use backend='torch' or 'naive'")
+        backend = "torch"  # auto: the chunked torch backend implements them
     if backend in ("triton", "cuda"):  # first use of this option set: compare with "torch" (selfcheck.py)
         backend = checked_backend(backend, options.backend != "auto", anchors, positives, negatives, labels,
                                   options)
@@ -123,11 +159,5 @@ def info_nce_with_options(
         return class_head_loss(anchors, positives, labels, options)
     feats = normalized_features(anchors, positives, negatives, options)
     if options.reduction != "none":  # gradient formed in the forward pass (3 GEMM-equivalents)
-        return chunked_scalar_loss(feats, labels, options.hard_negative_weight, options.anchor_negatives,
-                                   options.symmetric, options.reduction, options.chunk_budget_mib,
-                                   margin=options.margin, angular_margin=options.angular_margin)
-    per_row = chunked_per_row_loss(
-        feats, labels, options.hard_negative_weight, options.anchor_negatives, options.symmetric,
-        margin=options.margin, angular_margin=options.angular_margin,
-    )
-    return reduce_loss(per_row, options.reduction)
+        return chunked_scalar_loss(feats, labels, options)
+    return reduce_loss(chunked_per_row_loss(feats, labels, options), options.reduction)

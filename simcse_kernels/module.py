@@ -37,6 +37,13 @@ class FusedInfoNCE(nn.Module):
         margin: float = 0.0,
         angular_margin: float = 0.0,
         similarity: str = "cosine",
+        directions: tuple[str, ...] | None = None,
+        partition_mode: str = "joint",
+        hardness_mode: str | None = None,
+        hardness_strength: float = 0.0,
+        doc_to_doc_negatives: bool = True,
+        guide_margin: float = 0.0,
+        guide_margin_strategy: str = "absolute",
     ) -> None:
         super().__init__()
         # Validate every option once, here, with the same messages as the functional API.
@@ -53,6 +60,13 @@ class FusedInfoNCE(nn.Module):
             margin=margin,
             angular_margin=angular_margin,
             similarity=similarity,
+            directions=directions,
+            partition_mode=partition_mode,
+            hardness_mode=hardness_mode,
+            hardness_strength=hardness_strength,
+            doc_to_doc_negatives=doc_to_doc_negatives,
+            guide_margin=guide_margin,
+            guide_margin_strategy=guide_margin_strategy,
         )
         self.log_temperature: nn.Parameter | None = None
         if learnable_temperature:
@@ -71,10 +85,13 @@ class FusedInfoNCE(nn.Module):
         positives: torch.Tensor,
         negatives: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        guide: tuple | None = None,
     ) -> torch.Tensor:
+        """The loss; ``guide``: GIST's guide embeddings of this batch (see :func:`fused_info_nce`)."""
         options = self.options
-        if self.log_temperature is not None:
-            options = InfoNCEOptions(**{**options.__dict__, "temperature": self.temperature})
+        if self.log_temperature is not None or guide is not None:
+            temperature = self.temperature if self.log_temperature is not None else options.temperature
+            options = InfoNCEOptions(**{**options.__dict__, "temperature": temperature, "guide": guide})
         return info_nce_with_options(anchors, positives, negatives, labels, options)
 
     def extra_repr(self) -> str:
@@ -84,5 +101,6 @@ class FusedInfoNCE(nn.Module):
             f"temperature={tau}, hard_negative_weight={o.hard_negative_weight}, symmetric={o.symmetric}, "
             f"anchor_negatives={o.anchor_negatives}, mix_lambda={o.mix_lambda}, reduction={o.reduction!r}, "
             f"backend={o.backend!r}, margin={o.margin}, angular_margin={o.angular_margin}, "
-            f"similarity={o.similarity!r}"
+            f"similarity={o.similarity!r}, directions={o.directions!r}, partition_mode={o.partition_mode!r}, "
+            f"hardness_mode={o.hardness_mode!r}, hardness_strength={o.hardness_strength}"
         )

@@ -116,7 +116,11 @@ def temperature_grad_floor(anchors, positives, negatives, labels, options, loss_
     rows = torch.arange(a.shape[0], device=a.device)
     g = loss_weight.expand(a.shape[0]) / (a.shape[0] if opts.reduction == "mean" else 1)
     softmax_part = dlogits.clone()
-    softmax_part[rows, labels] += g  # dS = σ-terms − g at the target: put the target's g back
+    if opts.symmetric:  # the target is read twice, −g/2 each: at (i, l_i) and in the doc_to_query block
+        softmax_part[rows, labels] += 0.5 * g
+        softmax_part[rows, logits.shape[1] - a.shape[0] + rows] += 0.5 * g
+    else:
+        softmax_part[rows, labels] += g  # dS = σ-terms − g at the target: put the target's g back
     target_part = g * dlogit_dtau[rows, labels]
     return ((softmax_part * dlogit_dtau).abs().sum() + target_part.abs().sum()).item()
 

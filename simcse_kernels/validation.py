@@ -127,6 +127,37 @@ def validate_inputs(
             "negatives; K >= N is allowed)"
         )
 
+    if options.guide is not None:
+        guide = options.guide
+        if len(guide) != (3 if negatives is not None else 2):
+            want = "3 tensors (guide_anchors, guide_positives, guide_negatives) with" if k else \
+                "2 tensors (guide_anchors, guide_positives) without"
+            raise ValueError(f"guide must hold {want} negatives, got {len(guide)} tensors")
+        rows = (n, p, k)
+        for name, t, r in zip(("guide_anchors", "guide_positives", "guide_negatives"), guide, rows):
+            _check_matrix(name, t)
+            if t.shape[0] != r or t.shape[1] != guide[0].shape[1] or t.shape[1] == 0:
+                raise ValueError(f"{name} must have shape ({r}, G) with G = guide_anchors' dim >= 1, got "
+                                 f"{tuple(t.shape)}")
+            if t.device != anchors.device:
+                raise ValueError(f"{name} is on {t.device} but anchors is on {anchors.device}")
+            if options.check_inputs and t.device.type != "meta" and not torch.compiler.is_compiling() \
+                    and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains NaN or inf")
+    if options.needs_own_docs:  # sentence-transformers' layout: doc i = positive i, negatives column-stacked
+        what = ("a joint 'doc_to_query'" if options.doc_to_query_joint else
+                "'doc_to_doc'" if options.doc_to_doc else
+                f"hardness_mode={options.hardness_mode!r}" if options.has_hardness else "guide")
+        if labels is not None:
+            raise ValueError(f"labels must be None with {what}: query i's positive is doc i (its own docs: "
+                             "positive i and negative rows k·N + i)")
+        if p != n:
+            raise ValueError(f"{what} needs as many positives as anchors (doc i is query i's positive), got "
+                             f"P={p}, N={n}")
+        if k % n:
+            raise ValueError(f"{what} needs negatives stacked in whole columns of N rows (negative column k's "
+                             f"row i at k·N + i), got K={k} rows for N={n} anchors")
+
     if labels is None:
         if p < n:
             raise ValueError(f"default labels arange(N) need P >= N positives, got P={p}, N={n}; pass labels")

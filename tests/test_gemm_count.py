@@ -205,3 +205,30 @@ def test_torch_margins_add_no_gemm(mode, reduction):
     # several row chunks (tiny budget): still no GEMM beyond the plain path's
     chunked_count = gc.count_gemm_equivalents("torch", mode, 40, 96, chunk_budget_mib=0.02)
     assert chunked_count <= _bound("torch", mode)
+
+
+ST_COLUMN_MODES = {"gte", "gte_hardness", "doc_to_query_joint", "symmetric_hardness"}
+
+
+@pytest.mark.parametrize("mode", list(gc.ST_MODES))
+def test_torch_st_directions_gemm_count(mode):
+    """sentence-transformers' directions / hardness (issue 22) on the torch backend, counted per similarity
+    block (query-doc, query-query, doc-doc; the doc_to_query terms are a column of the query-doc block):
+    3 GEMM-equivalents when the rows fit one chunk (hardness is an in-place rescale, no GEMM). In several
+    row chunks a loss with doc_to_query terms needs a first pass for the column log-sum-exps: the
+    symmetric (per_direction) one over the positives block (< 4), a joint one over every block (4)."""
+    one = gc.count_gemm_equivalents("torch", mode, N, 128)
+    assert one == pytest.approx(3.0, abs=1e-9)
+    several = gc.count_gemm_equivalents("torch", mode, 40, 96, chunk_budget_mib=0.003)
+    if mode in ST_COLUMN_MODES:
+        assert 3.0 < several <= 4.0 + 1e-9
+    else:
+        assert several == pytest.approx(3.0, abs=1e-9)
+    assert gc.count_gemm_equivalents("torch", mode, 40, 96, chunk_budget_mib=0.003, meta_plan_of="cpu") == \
+        pytest.approx(several, rel=1e-12)
+
+
+@pytest.mark.parametrize("mode", list(gc.ST_MODES))
+def test_naive_st_directions_gemm_count(mode):
+    """The naive baseline on the same modes: one GEMM per similarity block forward, two backward."""
+    assert gc.count_gemm_equivalents("naive", mode, N, 128) == pytest.approx(3.0, abs=1e-9)

@@ -14,6 +14,7 @@ from conftest import make_inputs
 
 from simcse_kernels import fused_info_nce
 from simcse_kernels.ops.chunked import ChunkedInfoNCEFunction
+from simcse_kernels.options import InfoNCEOptions
 
 MODES = {
     "unsup": dict(),
@@ -58,7 +59,9 @@ def test_gradcheck_function_with_mixcse_blocks(with_neg, symmetric, anchor_negat
     inputs = [unit(a), unit(p), unit(neg) if with_neg else None, torch.tensor(0.4, dtype=torch.float64,
                                                                             requires_grad=True)]
 
+    options = InfoNCEOptions(hard_negative_weight=0.3, anchor_negatives=anchor_negatives, symmetric=symmetric)
+
     def per_row(a, p, n, tau):
-        return ChunkedInfoNCEFunction.apply(a, p, n, mix3, mix4, tau, labels, 0.3, anchor_negatives, symmetric, 3)
+        return ChunkedInfoNCEFunction.apply(a, p, n, mix3, mix4, tau, labels, options, 3)
 
     assert torch.autograd.gradcheck(per_row, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)

@@ -29,10 +29,20 @@ from simcse_kernels.integrations.sentence_transformers import (  # noqa: E402
     FusedMultipleNegativesRankingLoss,
 )
 
+GTE = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 DIRECTION_SETS = {
     "query_to_doc": {},
     "symmetric": {"directions": ("query_to_doc", "doc_to_query"), "partition_mode": "per_direction"},
     "query_to_query": {"directions": ("query_to_doc", "query_to_query"), "partition_mode": "joint"},
+    # issue 22: ST 6.3's other configurations (all 80 are checked on embeddings in test_mnrl_directions.py)
+    "gte_all_negatives": {"directions": GTE, "hardness_mode": "all_negatives", "hardness_strength": 5.0},
+    "doc_to_doc_hard_dot": {"directions": ("query_to_doc", "doc_to_doc"), "hardness_mode": "hard_negatives",
+                            "hardness_strength": 5.0, "similarity_fct": st.util.dot_score},
+    "doc_to_query_joint_in_batch": {"directions": ("query_to_doc", "doc_to_query"),
+                                    "hardness_mode": "in_batch_negatives", "hardness_strength": 9.0},
+    "symmetric_hard_dot": {"directions": ("query_to_doc", "doc_to_query"), "partition_mode": "per_direction",
+                           "hardness_mode": "hard_negatives", "hardness_strength": 5.0,
+                           "similarity_fct": st.util.dot_score},
 }
 TOPICS = ["cats", "the sea", "old trains", "jazz", "volcanoes", "tax law", "tea", "chess"]
 RTOL = 1e-5  # fp32 loss vs sentence-transformers' fp32 loss
@@ -277,14 +287,17 @@ def test_gather_across_devices_two_gloo_ranks_equal_one_process(model64, gathere
 
 
 @pytest.mark.parametrize("kw,match", [
-    ({"directions": ("query_to_doc", "doc_to_doc")}, "not supported"),
-    ({"directions": ("query_to_doc", "doc_to_query")}, "not supported"),  # joint doc_to_query
-    ({"directions": ("query_to_doc", "query_to_query"), "partition_mode": "per_direction"}, "not supported"),
-    ({"directions": ("doc_to_query",)}, "not supported"),
+    ({"directions": ("query_to_doc", "query_to_query"), "partition_mode": "per_direction"}, "per_direction"),
+    ({"directions": ("query_to_doc", "doc_to_doc"), "partition_mode": "per_direction"}, "per_direction"),
+    ({"directions": ("doc_to_query",)}, "query_to_doc"),
+    ({"directions": ("query_to_doc", "docs")}, "directions"),
+    ({"directions": "query_to_doc"}, "directions"),
     ({"partition_mode": "both"}, "partition_mode"),
-    ({"similarity_fct": st.util.dot_score}, "similarity_fct"),
-    ({"hardness_mode": "hard_negatives", "hardness_strength": 5.0}, "hardness"),
-    ({"hardness_strength": 1.0}, "hardness"),
+    ({"similarity_fct": st.util.euclidean_sim}, "similarity_fct"),
+    ({"similarity_fct": lambda a, b: a @ b.T}, "similarity_fct"),
+    ({"hardness_mode": "hard"}, "hardness_mode"),
+    ({"hardness_mode": "hard_negatives", "hardness_strength": -1.0}, "hardness_strength"),
+    ({"hardness_strength": -1.0}, "hardness_strength"),
     ({"scale": 0.0}, "scale"),
     ({"backend": "fast"}, "backend"),
 ])
@@ -298,19 +311,79 @@ def test_unsupported_options_raise(model, kw, match):
         FusedMultipleNegativesRankingLoss(model)(_features(model, n_rows=2, n_columns=1), None)
 
 
-def test_config_and_citation_match_sentence_transformers(model):
-    kw = DIRECTION_SETS["symmetric"]
+def test_options_st_accepts_are_accepted(model):
+    """What ST 6.3 accepts and ignores is accepted: a strength without a mode, a mode with strength 0."""
+    for kw in ({"hardness_strength": 3.0}, {"hardness_mode": "all_negatives", "hardness_strength": 0.0},
+               {"partition_mode": "per_direction"}):
+        features = _features(model, n_rows=3, n_columns=3)
+        with torch.no_grad():
+            expected = losses.MultipleNegativesRankingLoss(model, **kw)(features, None)
+            for cls in (FusedMultipleNegativesRankingLoss, FusedCachedMultipleNegativesRankingLoss):
+                torch.testing.assert_close(cls(model, **kw)(features, None), expected, rtol=RTOL, atol=0.0)
+
+
+@pytest.mark.parametrize("directions", list(DIRECTION_SETS))
+def test_config_and_citation_match_sentence_transformers(model, directions):
+    kw = DIRECTION_SETS[directions]
     ours, theirs = FusedMultipleNegativesRankingLoss(model, **kw), losses.MultipleNegativesRankingLoss(model, **kw)
     config = ours.get_config_dict()
     assert config.pop("backend") == "auto"
     assert config == theirs.get_config_dict()
     assert ours.citation == theirs.citation and ours.temperature == theirs.temperature
-    cached = FusedCachedMultipleNegativesRankingLoss(model, mini_batch_size=8)
-    theirs_cached = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=8)
+    cached = FusedCachedMultipleNegativesRankingLoss(model, mini_batch_size=8, **kw)
+    theirs_cached = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=8, **kw)
     config = cached.get_config_dict()
     config.pop("backend")
     assert config == theirs_cached.get_config_dict()
     assert cached.citation == theirs_cached.citation
+
+
+MATRYOSHKA_CASES = ["query_to_doc", "gte_all_negatives", "symmetric_hard_dot"]
+
+
+@pytest.mark.parametrize("directions", MATRYOSHKA_CASES)
+def test_matryoshka_equals_sentence_transformers(model64, directions):
+    """MatryoshkaLoss (dims 384, 128, 32; weights 1, 0.5, 0.25) around the fused losses == around ST's MNRL /
+    CachedMNRL (float64, eval mode): the cached one through ST's calculate_loss decorator."""
+    kw = DIRECTION_SETS[directions]
+    dims, weights = [384, 128, 32], [1.0, 0.5, 0.25]
+    features = _features(model64, n_rows=4, n_columns=3)
+    wrap = lambda loss: losses.MatryoshkaLoss(model64, loss, dims, matryoshka_weights=weights)
+    loss_st, grads_st = _loss_and_grads(model64, wrap(losses.MultipleNegativesRankingLoss(model64, **kw)), features)
+    loss_cst, grads_cst = _loss_and_grads(
+        model64, wrap(losses.CachedMultipleNegativesRankingLoss(model64, mini_batch_size=3, **kw)), features)
+    torch.testing.assert_close(loss_cst, loss_st, **TOL64)  # ST's two agree
+    for ours in _ours(model64, kw):
+        wrapped = wrap(ours)
+        assert wrapped.uses_gradient_cache == isinstance(ours, FusedCachedMultipleNegativesRankingLoss)
+        loss, grads = _loss_and_grads(model64, wrapped, features)
+        torch.testing.assert_close(loss, loss_st, **TOL64, msg=type(ours).__name__)
+        _assert_grads_close(grads, grads_st, **TOL64)
+
+
+@pytest.mark.parametrize("directions", ["query_to_doc", "gte_all_negatives", "doc_to_doc_hard_dot"])
+def test_cached_under_dropout_equals_sentence_transformers_cached(model64, directions):
+    """Dropout on (float64): ST's CachedMNRL and ours with the same seed and mini-batches embed the same
+    mini-batches in the same order, so both draw the same masks in step 1 and replay them in step 3; the
+    loss and every parameter gradient agree."""
+    kw = DIRECTION_SETS[directions]
+    model = model64.train()
+    try:
+        features = _features(model, n_rows=5, n_columns=3)
+        torch.manual_seed(5)
+        loss_st, grads_st = _loss_and_grads(model, losses.CachedMultipleNegativesRankingLoss(
+            model, mini_batch_size=2, **kw), features)
+        torch.manual_seed(5)
+        loss, grads = _loss_and_grads(model, FusedCachedMultipleNegativesRankingLoss(model, mini_batch_size=2, **kw),
+                                      features)
+        torch.manual_seed(6)  # another seed: other masks, another loss (dropout is really on)
+        other, _ = _loss_and_grads(model, FusedCachedMultipleNegativesRankingLoss(model, mini_batch_size=2, **kw),
+                                   features)
+    finally:
+        model.eval()
+    assert abs(other.item() - loss_st.item()) > 1e-6
+    torch.testing.assert_close(loss, loss_st, **TOL64)
+    _assert_grads_close(grads, grads_st, **TOL64)
 
 
 def test_optional_dependency():

@@ -250,7 +250,7 @@ def test_chunked_scalar_loss_rejects_none_reduction():
     a, p, _ = make_inputs(4, 8)
     feats = normalized_features(a, p, None, InfoNCEOptions())
     with pytest.raises(ValueError, match="reduction"):
-        chunked.chunked_scalar_loss(feats, torch.arange(4), 0.0, False, False, "none")
+        chunked.chunked_scalar_loss(feats, torch.arange(4), InfoNCEOptions(reduction="none"))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

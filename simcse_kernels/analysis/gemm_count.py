@@ -58,8 +58,24 @@ MARGIN_MODES: dict[str, dict] = {
     "arcface_symmetric": dict(symmetric=True, angular_margin=0.5, anchor_negatives=True),
     "dot_margin": dict(similarity="dot", margin=0.3, learnable_tau=True),
 }
+_GTE = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+#: sentence-transformers MNRL configurations (issue 22; torch and naive backends): the doc_to_query
+#: terms are a column of the query-doc block (no GEMM of their own), doc_to_doc a (P, P + K) block
+ST_MODES: dict[str, dict] = {
+    "gte": dict(directions=_GTE),
+    "gte_hardness": dict(k="n", directions=_GTE, hardness_mode="all_negatives", hardness_strength=5.0,
+                         learnable_tau=True),
+    "doc_to_query_joint": dict(directions=("query_to_doc", "doc_to_query"), learnable_tau=True),
+    "doc_to_doc_hard": dict(k="n", directions=("query_to_doc", "doc_to_doc"), hardness_mode="hard_negatives",
+                            hardness_strength=5.0),
+    "in_batch_hardness": dict(k="n", hardness_mode="in_batch_negatives", hardness_strength=9.0,
+                              similarity="dot"),
+    "symmetric_hardness": dict(k="n", directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction",
+                               hardness_mode="all_negatives", hardness_strength=5.0),
+}
 ISSUE12_MODES = tuple(MODES)
 MODES.update(MARGIN_MODES)
+MODES.update(ST_MODES)
 
 BACKENDS = ("triton", "triton_atomic", "torch", "naive")
 
@@ -76,11 +92,16 @@ def gemm_bound(backend: str, symmetric: bool) -> float | None:
 
 
 def logit_columns(n: int, mode: str) -> int:
-    """M of ``mode`` for N anchors (= N positives): every logit column of a row."""
+    """M of ``mode`` for N anchors (= N positives): every logit column of a row that a similarity GEMM
+    computes (query-doc P + K, query-query N, MixCSE 2N, doc-doc P + K; the doc_to_query terms are
+    columns of the query-doc block, not counted again)."""
     opts = MODES[mode]
-    m = n + (n if opts.get("k") == "n" else 0)
-    m += n if opts.get("anchor_negatives") else 0
+    docs = n + (n if opts.get("k") == "n" else 0)
+    dirs = opts.get("directions") or ()
+    m = docs
+    m += n if opts.get("anchor_negatives") or "query_to_query" in dirs else 0
     m += 2 * n if opts.get("mix_lambda") is not None else 0
+    m += docs if "doc_to_doc" in dirs else 0
     return m
 
 

@@ -526,11 +526,8 @@ def cuda_info_nce(
 
         feats = normalized_features(anchors, positives, negatives, options)
         if options.reduction != "none":
-            return chunked_scalar_loss(feats, labels, options.hard_negative_weight, options.anchor_negatives,
-                                       options.symmetric, options.reduction, options.chunk_budget_mib)
-        per_row = chunked_per_row_loss(feats, labels, options.hard_negative_weight, options.anchor_negatives,
-                                       options.symmetric)
-        return reduce_loss(per_row, options.reduction)
+            return chunked_scalar_loss(feats, labels, options)
+        return reduce_loss(chunked_per_row_loss(feats, labels, options), options.reduction)
     _check_cuda_inputs(anchors, positives, negatives, labels)
     reason = unavailable_reason(anchors.device)
     if reason is not None:

@@ -116,7 +116,8 @@ def class_head_applies(anchors: torch.Tensor, positives: torch.Tensor, negatives
                        options: InfoNCEOptions) -> bool:
     """Whether ``fused_info_nce`` on the ``"torch"`` backend takes the class-head path (see module docstring)."""
     plain = (negatives is None or negatives.shape[0] == 0) and not options.anchor_negatives and \
-        options.mix_lambda is None and not options.symmetric and options.reduction != "none"
+        options.mix_lambda is None and not options.symmetric and options.reduction != "none" and \
+        not options.needs_own_docs  # sentence-transformers' directions, hardness and guide: the general path
     return (plain and not torch.compiler.is_compiling() and positives.dtype == compute_dtype_for(anchors.dtype)
             and positives.shape[0] >= MIN_CLASSES_PER_ROW * anchors.shape[0])
 

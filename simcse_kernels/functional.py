@@ -101,12 +101,6 @@ def info_nce_with_options(
     if backend == "naive":
         return reference_loss(anchors, positives, negatives, labels, options)
     anchors, positives, negatives = without_huge_rows(anchors, positives, negatives, options)
-    if backend == "cuda" and (options.has_margin or options.similarity != "cosine"):
-        # TODO(issue 21): margins / dot similarity in the CUDA extension
-        if options.backend != "auto":
-            raise NotImplementedError(f"margin, angular_margin and similarity='dot' are not yet implemented in "
-                                      f"backend {backend!r}; use backend='triton', 'torch' or 'naive'")
-        backend = "torch"  # auto: the chunked torch backend implements them
     if backend in ("triton", "cuda"):  # first use of this option set: compare with "torch" (selfcheck.py)
         backend = checked_backend(backend, options.backend != "auto", anchors, positives, negatives, labels,
                                   options)

@@ -1120,3 +1120,16 @@ def test_fake_ops_with_margins_and_dot(opts):
     assert loss.shape == (n,) and loss.dtype == torch.float32
     loss.sum().backward()
     assert a.grad.shape == a.shape and p.grad.shape == p.shape and tau.grad.shape == ()
+
+
+def test_selfcheck_key_separates_margins_and_dot_for_cuda():
+    """The first-use self-check remembers results per key: a margin, an angular margin or dot similarity
+    on backend "cuda" is a key of its own (never served by a plain cosine check)."""
+    from simcse_kernels.options import InfoNCEOptions
+    from simcse_kernels.selfcheck import check_key
+
+    a, _, _ = make_inputs(4, 8)
+    keys = {check_key("cuda", a, None, InfoNCEOptions(**kw))
+            for kw in (dict(), dict(margin=0.3), dict(angular_margin=0.3), dict(similarity="dot"),
+                       dict(similarity="dot", margin=0.3), dict(margin=0.3, angular_margin=0.3))}
+    assert len(keys) == 6

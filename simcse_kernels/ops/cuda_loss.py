@@ -55,6 +55,24 @@ build the N x M logit matrix:
 MixCSE's detached mixtures ``mix3``/``mix4`` are built here in float32 (O(N·D)) and enter the
 kernels as float32 operands (their blocks use the FMA tiles); no gradient flows through them.
 
+Margins (``margin``, ``angular_margin``; math in :mod:`simcse_kernels.reference`, "Margins and
+similarity") change only each row's target entry (i, l_i), so they live in the epilogues of the
+existing logit tiles (no extra kernel over the N x M logits, no extra GEMM). The O(N·D) row kernel
+``target_cos`` gives each row's target similarity c_i; :func:`margin_terms` turns it into
+``δ_i = f(c_i) − m − c_i`` and ``f'(c_i)`` (O(N) elementwise torch, recomputed bitwise equal in the
+backward). ``lse_partials`` adds ``δ_i/tau`` to the target entry of the anchors x positives /
+negatives blocks (``TargetTerms`` mode "rows", csrc/tile.cuh) and of the symmetric loss's
+transposed positives block (mode "cols": the column direction reads the same margined matrix);
+``block_dlogits`` recomputes that logit the same way, multiplies the target's ∂L/∂s (its −g_i
+included) by ``f'(c_i)`` and gives the ∂tau partial ``dS·(f(c_i) − m)``; the loss's target logit is
+``(f(c) − m)/tau`` (+w at the row's own hard negative), and ∂tau subtracts ``Σ g_i (f(c_i) − m)``
+in float64. The atomic backward does the same in ``block_backward`` (each target entry redone by
+one thread per row after the tile's dS pass) and passes ``g·f'(c)`` to ``target_backward``. Without
+a margin no target term is read. ``similarity="dot"``: every inverse norm is 1 (the tiles' "cosines"
+are raw dot products), the normalization backward is skipped (∂x = the GEMMs' sums / tau) and no
+row is rescaled; a margin still applies, ``angular_margin``/MixCSE do not exist there
+(``InfoNCEOptions`` refuses them).
+
 The kernels are exposed as the custom ops ``simcse_kernels::cuda_info_nce_forward`` and
 ``simcse_kernels::cuda_info_nce_backward`` (with fake implementations, so shapes propagate under
 ``torch.compile`` and on the meta device), called from :class:`CudaInfoNCEFunction`. Tensors go

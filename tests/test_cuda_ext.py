@@ -1133,3 +1133,15 @@ def test_selfcheck_key_separates_margins_and_dot_for_cuda():
             for kw in (dict(), dict(margin=0.3), dict(angular_margin=0.3), dict(similarity="dot"),
                        dict(similarity="dot", margin=0.3), dict(margin=0.3, angular_margin=0.3))}
     assert len(keys) == 6
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("option_set", list(MARGIN_OPTION_SETS))
+@pytest.mark.parametrize("bwd_mode", ["chunked", "atomic"])
+def test_margin_parity_on_gpu(dtype, option_set, bwd_mode, monkeypatch):
+    """Every margin / dot option set on the GPU build (WMMA tiles, cuBLAS GEMMs), both backwards."""
+    _cuda_or_skip()
+    monkeypatch.setenv("SIMCSE_CUDA_BWD", bwd_mode)
+    a, p, neg, opts = make_margin_inputs(option_set, 129, 384, dtype=dtype, device="cuda", seed=29)
+    assert_backend_matches_reference("cuda", a, p, neg, tau=torch.tensor(0.05), **opts)

@@ -152,21 +152,34 @@ void row_inv_norms(const OperandTuple& x, int64_t dim, uintptr_t out, int device
 }
 
 void lse_partials(const OperandTuple& rows, const OperandTuple& cols, int64_t dim, uintptr_t tau, double weight,
-                  int pattern, int n_splits, uintptr_t out, int device, uintptr_t stream) {
+                  int pattern, int n_splits, uintptr_t out, int device, uintptr_t stream, uintptr_t labels,
+                  int target_mode, int64_t target_col_offset, uintptr_t target_delta) {
   const std::string where = "lse_partials";
   const auto [r, c] = block_operands(where, rows, cols, dim, pattern);
   check_splits(where, n_splits);
   check_pointer(where, "tau", tau, 4);
   check_pointer(where, "out", out, 4);
+  if (target_mode < simcse::kTargetNone || target_mode > simcse::kTargetCols) {
+    fail(where, "target_mode must be 0 (none), 1 (rows) or 2 (cols), got " + std::to_string(target_mode));
+  }
+  if (target_mode != simcse::kTargetNone) {
+    check_pointer(where, "labels", labels, 8);
+    check_pointer(where, "target_delta", target_delta, 4);
+    if (target_mode == simcse::kTargetRows && target_col_offset < 0) {
+      fail(where, "target_mode 1 (rows) needs target_col_offset >= 0, got " + std::to_string(target_col_offset));
+    }
+  }
   check_device(where, device);
   raise_if_failed(where, simcse::launch_lse_partials(r, c, dim, tau, static_cast<float>(weight), pattern, n_splits,
-                                                     out, device, stream));
+                                                     out, labels, target_mode, target_col_offset, target_delta,
+                                                     device, stream));
 }
 
 void block_backward(const OperandTuple& rows, const OperandTuple& cols, int64_t dim, uintptr_t tau, double weight,
                     int pattern, uintptr_t lse, uintptr_t row_weight, uintptr_t col_lse, uintptr_t col_weight,
                     uintptr_t grad_rows, uintptr_t grad_cols, uintptr_t dtau_acc, int n_splits, int device,
-                    uintptr_t stream) {
+                    uintptr_t stream, uintptr_t labels, int64_t target_col_offset, uintptr_t target_delta,
+                    uintptr_t target_grad) {
   const std::string where = "block_backward";
   const auto [r, c] = block_operands(where, rows, cols, dim, pattern);
   check_splits(where, n_splits);
@@ -174,17 +187,28 @@ void block_backward(const OperandTuple& rows, const OperandTuple& cols, int64_t 
   if (grad_rows != 0) check_pointer(where, "grad_rows", grad_rows, 4);
   if (grad_cols != 0) check_pointer(where, "grad_cols", grad_cols, 4);
   check_pointer(where, "dtau_acc", dtau_acc, 8);
+  if (target_col_offset < -1) {
+    fail(where, "target_col_offset must be >= 0, or -1 for a block without margined targets, got " +
+                    std::to_string(target_col_offset));
+  }
+  if (target_col_offset >= 0) {  // a margined block: labels and both per-row terms
+    check_pointer(where, "labels", labels, 8);
+    check_pointer(where, "target_delta", target_delta, 4);
+    check_pointer(where, "target_grad", target_grad, 4);
+  }
   check_device(where, device);
   raise_if_failed(where, simcse::launch_block_backward(r, c, dim, tau, static_cast<float>(weight), pattern, lse,
                                                        row_weight, col_lse, col_weight, grad_rows, grad_cols,
-                                                       dtau_acc, n_splits, device, stream));
+                                                       dtau_acc, n_splits, labels, target_col_offset, target_delta,
+                                                       target_grad, device, stream));
 }
 
 void block_dlogits(const OperandTuple& rows, const OperandTuple& cols, int64_t dim, uintptr_t tau, double weight,
                    int pattern, int64_t row_start, int64_t row_end, uintptr_t lse, uintptr_t row_weight,
                    uintptr_t col_lse, uintptr_t col_weight, uintptr_t labels, uintptr_t g, int64_t target_col_offset,
                    uintptr_t out, int out_dtype, int64_t ld_out, int64_t out_col0, uintptr_t dtau_part,
-                   int64_t n_tiles_total, int64_t tile_col0, int device, uintptr_t stream) {
+                   int64_t n_tiles_total, int64_t tile_col0, int device, uintptr_t stream, uintptr_t target_delta,
+                   uintptr_t target_grad) {
   const std::string where = "block_dlogits";
   const auto [r, c] = block_operands(where, rows, cols, dim, pattern);
   if (row_start < 0 || row_end <= row_start || row_end > r.rows) {
@@ -203,6 +227,13 @@ void block_dlogits(const OperandTuple& rows, const OperandTuple& cols, int64_t d
   if (target_col_offset >= 0) {
     check_pointer(where, "labels", labels, 8);
     check_pointer(where, "g", g, 4);
+  }
+  if ((target_delta == 0) != (target_grad == 0)) {
+    fail(where, "target_delta and target_grad must both be given or both be 0");
+  }
+  if (target_delta != 0) {
+    check_pointer(where, "target_delta", target_delta, 4);
+    check_pointer(where, "target_grad", target_grad, 4);
   }
   if (out_dtype != simcse::kFloat32 && out_dtype != simcse::kBFloat16) {
     fail(where, "out_dtype code must be 0 (float32) or 2 (bfloat16), got " + std::to_string(out_dtype));
@@ -225,7 +256,8 @@ void block_dlogits(const OperandTuple& rows, const OperandTuple& cols, int64_t d
   raise_if_failed(where, simcse::launch_block_dlogits(r, c, dim, tau, static_cast<float>(weight), pattern, row_start,
                                                       row_end, lse, row_weight, col_lse, col_weight, labels, g,
                                                       target_col_offset, out, out_dtype, ld_out, out_col0, dtau_part,
-                                                      n_tiles_total, tile_col0, device, stream));
+                                                      n_tiles_total, tile_col0, target_delta, target_grad, device,
+                                                      stream));
 }
 
 /// Shared checks of the target kernels: same dtype everywhere, negatives may be absent (rows 0).
@@ -295,6 +327,9 @@ PYBIND11_MODULE(_cuda_ext, m) {
   m.attr("PATTERN_SELF") = int(simcse::kPatternSelf);
   m.attr("PATTERN_MIX3") = int(simcse::kPatternMix3);
   m.attr("PATTERN_MIX4") = int(simcse::kPatternMix4);
+  m.attr("TARGET_NONE") = int(simcse::kTargetNone);
+  m.attr("TARGET_ROWS") = int(simcse::kTargetRows);
+  m.attr("TARGET_COLS") = int(simcse::kTargetCols);
   m.attr("CUDA_ARCHS") = std::string(SIMCSE_CUDA_ARCHS);
   m.def("cuda_version", &simcse::compiled_cuda_version, "CUDART_VERSION the extension was compiled with.");
   m.def("runtime_status", &simcse::runtime_status,
@@ -303,17 +338,22 @@ PYBIND11_MODULE(_cuda_ext, m) {
         py::arg("stream"), "out[i] = 1 / max(||x_i||, 1e-12) (float32).");
   m.def("lse_partials", &lse_partials, py::arg("rows"), py::arg("cols"), py::arg("dim"), py::arg("tau"),
         py::arg("weight"), py::arg("pattern"), py::arg("n_splits"), py::arg("out"), py::arg("device"),
-        py::arg("stream"), "Partial row log-sum-exps of one logit block: out float32[n_splits, rows].");
+        py::arg("stream"), py::arg("labels") = 0, py::arg("target_mode") = 0, py::arg("target_col_offset") = -1,
+        py::arg("target_delta") = 0,
+        "Partial row log-sum-exps of one logit block: out float32[n_splits, rows]; target_mode 1 (rows) / 2 "
+        "(cols): the margins' target logits get + target_delta / tau.");
   m.def("block_backward", &block_backward, py::arg("rows"), py::arg("cols"), py::arg("dim"), py::arg("tau"),
         py::arg("weight"), py::arg("pattern"), py::arg("lse"), py::arg("row_weight"), py::arg("col_lse"),
         py::arg("col_weight"), py::arg("grad_rows"), py::arg("grad_cols"), py::arg("dtau_acc"), py::arg("n_splits"),
-        py::arg("device"), py::arg("stream"),
+        py::arg("device"), py::arg("stream"), py::arg("labels") = 0, py::arg("target_col_offset") = -1,
+        py::arg("target_delta") = 0, py::arg("target_grad") = 0,
         "Recomputing backward of one logit block; accumulates float32 gradients of the normalized rows.");
   m.def("block_dlogits", &block_dlogits, py::arg("rows"), py::arg("cols"), py::arg("dim"), py::arg("tau"),
         py::arg("weight"), py::arg("pattern"), py::arg("row_start"), py::arg("row_end"), py::arg("lse"),
         py::arg("row_weight"), py::arg("col_lse"), py::arg("col_weight"), py::arg("labels"), py::arg("g"),
         py::arg("target_col_offset"), py::arg("out"), py::arg("out_dtype"), py::arg("ld_out"), py::arg("out_col0"),
         py::arg("dtau_part"), py::arg("n_tiles_total"), py::arg("tile_col0"), py::arg("device"), py::arg("stream"),
+        py::arg("target_delta") = 0, py::arg("target_grad") = 0,
         "dL/ds (times both inverse norms) of one logit block for a chunk of rows, and per column tile "
         "partials of sum dS cos (deterministic, no atomics).");
   m.def("target_cos", &target_cos, py::arg("anchors"), py::arg("positives"), py::arg("negatives"), py::arg("dim"),

@@ -10,8 +10,11 @@
 //
 // where x_hat = r x, y_hat = r y. The gradients are w.r.t. the normalized rows and still lack the
 // 1/tau factor; normalize_backward (rowwise.cu) applies 1/tau and the normalization backward.
-// The target logit's -g_i is added separately (target_backward). Only a 64 x 64 tile of dS ever
-// exists (shared memory); the gradient products run over D in chunks of 32 with float32 FMAs
+// The target logit's -g_i is added separately (target_backward). Margins (``target``, tile.cuh:
+// TargetTerms, kTargetRows): the target entry's logit gets + delta_i / tau, its dS the factor
+// f'(c_i) (grad_i) and its dtau term the similarity f(c_i) - m = cos + delta_i; the entry is
+// taken out of the tile's dS pass and redone by one thread per row, so that pass is unchanged.
+// Only a 64 x 64 tile of dS ever exists (shared memory); the gradient products run over D in chunks of 32 with float32 FMAs
 // and are added to the float32 gradient buffers with atomicAdd (several CTAs share rows/columns).
 //
 // Grid: (ceil(rows / 64), n_splits), columns tiles dealt round-robin as in the forward.
@@ -27,21 +30,40 @@ __global__ void __launch_bounds__(kThreads)
                           int64_t dim, const float* __restrict__ tau, float weight, int pattern,
                           const float* __restrict__ lse, const float* __restrict__ row_weight,
                           const float* __restrict__ col_lse, const float* __restrict__ col_weight,
-                          float* grad_rows, float* grad_cols, double* dtau_acc, int n_splits) {
+                          float* grad_rows, float* grad_cols, double* dtau_acc, int n_splits,
+                          TargetTerms target) {
   __shared__ __align__(128) float s[kBM * kSLd];
   __shared__ __align__(128) float scratch[kScratchFloats];
   __shared__ float warp_part[kThreads / kWarp];
+  __shared__ int64_t target_col[kBM];  // margins: tile row u's target column in this block, or -1
 
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int split = blockIdx.y;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const float inv_tau = 1.0f / tau[0];
   float tau_part = 0.0f;
+  if (threadIdx.x < kBM) {
+    const int64_t i = i0 + threadIdx.x;
+    target_col[threadIdx.x] = (i < n_x && target.mode == kTargetRows) ? target.labels[i] - target.col_offset : -1;
+  }
 
   const int64_t n_tiles = (n_y + kBN - 1) / kBN;
   for (int64_t t = split; t < n_tiles; t += n_splits) {
     const int64_t j0 = t * kBN;
     dot_tile<TR, TC>(x, xs, n_x, i0, y, ys, n_y, j0, dim, s, scratch);
+    // Margins: thread u < 64 takes row u's target entry out of the tile (its raw dot, -inf in its
+    // place, so the plain dS pass below gives it 0) and fills it in after that pass.
+    int target_v = -1;
+    float target_dot = 0.0f;
+    if (threadIdx.x < kBM) {
+      const int64_t v = target_col[threadIdx.x] - j0;
+      if (v >= 0 && v < kBN && j0 + v < n_y) {
+        target_v = static_cast<int>(v);
+        target_dot = s[threadIdx.x * kSLd + target_v];
+        s[threadIdx.x * kSLd + target_v] = -INFINITY;  // the dS pass below leaves 0 there
+      }
+    }
+    __syncthreads();
 
     // dS tile (in place of the dot tile).
     for (int e = threadIdx.x; e < kBM * kBN; e += kThreads) {
@@ -60,6 +82,22 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       s[u * kSLd + v] = ds;
+    }
+    if (target.mode != kTargetNone) {
+      __syncthreads();
+      if (target_v >= 0) {  // the forward's logit (block_logit of a "none"/"hard" entry, + delta / tau)
+        const int u = threadIdx.x;
+        const int64_t i = i0 + u, j = j0 + target_v;
+        const float cos = target_dot * rx[i] * ry[j];
+        float logit = cos * inv_tau;
+        if (pattern == kPatternHard && i == j) logit += weight;
+        const float delta = target.delta[i];
+        logit += delta * inv_tau;
+        float ds = row_weight[i] * expf(logit - lse[i]);
+        if (col_lse != nullptr) ds += col_weight[j] * expf(logit - col_lse[j]);
+        if (ds != 0.0f) tau_part += ds * (cos + delta);  // the target's similarity: f(c) - m
+        s[u * kSLd + target_v] = ds * target.grad[i];   // chain rule: times f'(c)
+      }
     }
     __syncthreads();
 
@@ -141,11 +179,15 @@ __global__ void __launch_bounds__(kThreads)
 int launch_block_backward(const Operand& rows, const Operand& cols, int64_t dim, uintptr_t tau, float weight,
                           int pattern, uintptr_t lse, uintptr_t row_weight, uintptr_t col_lse,
                           uintptr_t col_weight, uintptr_t grad_rows, uintptr_t grad_cols, uintptr_t dtau_acc,
-                          int n_splits, int device, uintptr_t stream) {
+                          int n_splits, uintptr_t labels, int64_t target_col_offset, uintptr_t target_delta,
+                          uintptr_t target_grad, int device, uintptr_t stream) {
   cudaError_t err = cudaSetDevice(device);
   if (err != cudaSuccess) return static_cast<int>(err);
   const dim3 grid(static_cast<unsigned>((rows.rows + kBM - 1) / kBM), static_cast<unsigned>(n_splits));
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const TargetTerms target{target_col_offset >= 0 ? kTargetRows : kTargetNone, target_col_offset,
+                           reinterpret_cast<const int64_t*>(labels), reinterpret_cast<const float*>(target_delta),
+                           reinterpret_cast<const float*>(target_grad)};
   const bool ok = dispatch_pair(rows.dtype, cols.dtype, [&](auto xr, auto yc) {
     using TR = decltype(xr);
     using TC = decltype(yc);
@@ -156,7 +198,7 @@ int launch_block_backward(const Operand& rows, const Operand& cols, int64_t dim,
         dim, reinterpret_cast<const float*>(tau), weight, pattern, reinterpret_cast<const float*>(lse),
         reinterpret_cast<const float*>(row_weight), reinterpret_cast<const float*>(col_lse),
         reinterpret_cast<const float*>(col_weight), reinterpret_cast<float*>(grad_rows),
-        reinterpret_cast<float*>(grad_cols), reinterpret_cast<double*>(dtau_acc), n_splits);
+        reinterpret_cast<float*>(grad_cols), reinterpret_cast<double*>(dtau_acc), n_splits, target);
   });
   if (!ok) return static_cast<int>(cudaErrorInvalidValue);
   return static_cast<int>(cudaGetLastError());

@@ -9,6 +9,10 @@
 //           - g_i [labels[i] == target_col_offset + j, target_col_offset >= 0]
 //   dS_ij = 0 on constant logits (MixCSE's masked entries)
 //
+// Margins (target_delta / target_grad, the per-row terms of tile.cuh's TargetTerms): the target
+// logit is recomputed with + delta_i / tau (as the forward) and its dS, -g_i included, is
+// multiplied by f'(c_i) = grad_i; its dtau term reads cos + delta_i = f(c_i) - m.
+//
 // (the math of block_backward.cu plus target_backward of rowwise.cu) into an (R, ld_out) buffer
 // with both inverse norms folded in, so the two gradient GEMMs that follow (torch, fp32
 // accumulation) run on the RAW rows:
@@ -32,7 +36,8 @@
 //     inverse norms ry (n_y,);
 //   tau (1,) float32; weight, pattern: the block's PatternCode (n_x is the modulus of MixCSE's);
 //   lse, row_weight (n_x,) float32 (global row index); col_lse, col_weight (n_y,) float32 or
-//     both null; labels (n_x,) int64 and g (n_x,) float32 (read only if target_col_offset >= 0);
+//     both null; target (TargetTerms: kTargetRows when the block holds targets, labels (n_x,)
+//     int64, delta / grad (n_x,) float32 or both null) and g (n_x,) float32 (read with targets);
 //   out (row_end - row_start, ld_out) TO (float32 or bfloat16), columns out_col0 .. out_col0+n_y;
 //   dtau_part (row_end - row_start, n_tiles_total) float32 or null, columns tile_col0 ..
 //     tile_col0 + ceil(n_y / 64).
@@ -52,9 +57,9 @@ __global__ void __launch_bounds__(kThreads, 2)
                          int64_t dim, const float* __restrict__ tau, float weight, int pattern, int64_t row_start,
                          int64_t row_end, const float* __restrict__ lse, const float* __restrict__ row_weight,
                          const float* __restrict__ col_lse, const float* __restrict__ col_weight,
-                         const int64_t* __restrict__ labels, const float* __restrict__ g,
-                         int64_t target_col_offset, TO* __restrict__ out, int64_t ld_out, int64_t out_col0,
-                         float* __restrict__ dtau_part, int64_t n_tiles_total, int64_t tile_col0) {
+                         TargetTerms target, const float* __restrict__ g, TO* __restrict__ out, int64_t ld_out,
+                         int64_t out_col0, float* __restrict__ dtau_part, int64_t n_tiles_total,
+                         int64_t tile_col0) {
   __shared__ __align__(128) float s[kBM * kSLd];
   __shared__ __align__(128) float scratch[kScratchFloats];
 
@@ -73,10 +78,14 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (i >= row_end) break;  // warp-uniform
     const float ri = rx[i], lse_i = lse[i], w_i = row_weight[i];
     int64_t target_j = -1;
-    float g_i = 0.0f;
-    if (target_col_offset >= 0) {
-      target_j = labels[i] - target_col_offset;  // outside [0, n_y): not in this block
+    float g_i = 0.0f, delta_i = 0.0f, grad_i = 1.0f;  // no margin: shift 0, chain factor 1
+    if (target.mode == kTargetRows) {
+      target_j = target.labels[i] - target.col_offset;  // outside [0, n_y): not in this block
       g_i = g[i];
+      if (target.delta != nullptr) {
+        delta_i = target.delta[i];
+        grad_i = target.grad[i];
+      }
     }
     float tau_part = 0.0f;
 #pragma unroll
@@ -87,13 +96,16 @@ __global__ void __launch_bounds__(kThreads, 2)
       bool is_const;
       float cos;
       const float rj = ry[j];
-      const float logit = block_logit(s[u * kSLd + v], ri, rj, inv_tau, weight, pattern, i, j, n_x, &is_const, &cos);
+      float logit = block_logit(s[u * kSLd + v], ri, rj, inv_tau, weight, pattern, i, j, n_x, &is_const, &cos);
+      const bool is_target = j == target_j;
+      if (is_target && target.delta != nullptr) logit += delta_i * inv_tau;  // as the forward's epilogue
       float ds = 0.0f;
       if (!is_const) {
         ds = w_i * expf(logit - lse_i);
         if (col_lse != nullptr) ds += col_weight[j] * expf(logit - col_lse[j]);
-        if (ds != 0.0f) tau_part += ds * cos;  // ds == 0 on -inf logits, whose cos is not used
-        if (j == target_j) ds -= g_i;
+        // ds == 0 on -inf logits, whose cos is not used; the target's similarity is f(c) - m
+        if (ds != 0.0f) tau_part += ds * (is_target ? cos + delta_i : cos);
+        if (is_target) ds = (ds - g_i) * grad_i;
       }
       out[(i - row_start) * ld_out + out_col0 + j] = from_float<TO>(ds * ri * rj);
     }
@@ -110,14 +122,17 @@ int launch_block_dlogits(const Operand& rows, const Operand& cols, int64_t dim, 
                          int pattern, int64_t row_start, int64_t row_end, uintptr_t lse, uintptr_t row_weight,
                          uintptr_t col_lse, uintptr_t col_weight, uintptr_t labels, uintptr_t g,
                          int64_t target_col_offset, uintptr_t out, int out_dtype, int64_t ld_out, int64_t out_col0,
-                         uintptr_t dtau_part, int64_t n_tiles_total, int64_t tile_col0, int device,
-                         uintptr_t stream) {
+                         uintptr_t dtau_part, int64_t n_tiles_total, int64_t tile_col0, uintptr_t target_delta,
+                         uintptr_t target_grad, int device, uintptr_t stream) {
   if (out_dtype != kFloat32 && out_dtype != kBFloat16) return static_cast<int>(cudaErrorInvalidValue);
   cudaError_t err = cudaSetDevice(device);
   if (err != cudaSuccess) return static_cast<int>(err);
   const dim3 grid(static_cast<unsigned>((cols.rows + kBN - 1) / kBN),
                   static_cast<unsigned>((row_end - row_start + kBM - 1) / kBM));
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const TargetTerms target{target_col_offset >= 0 ? kTargetRows : kTargetNone, target_col_offset,
+                           reinterpret_cast<const int64_t*>(labels), reinterpret_cast<const float*>(target_delta),
+                           reinterpret_cast<const float*>(target_grad)};
   const bool ok = dispatch_pair(rows.dtype, cols.dtype, [&](auto xr, auto yc) {
     using TR = decltype(xr);
     using TC = decltype(yc);
@@ -130,8 +145,8 @@ int launch_block_dlogits(const Operand& rows, const Operand& cols, int64_t dim, 
           cols.rows, reinterpret_cast<const float*>(cols.inv_norm), dim, reinterpret_cast<const float*>(tau),
           weight, pattern, row_start, row_end, reinterpret_cast<const float*>(lse),
           reinterpret_cast<const float*>(row_weight), reinterpret_cast<const float*>(col_lse),
-          reinterpret_cast<const float*>(col_weight), reinterpret_cast<const int64_t*>(labels),
-          reinterpret_cast<const float*>(g), target_col_offset, reinterpret_cast<TO*>(out), ld_out, out_col0,
+          reinterpret_cast<const float*>(col_weight), target, reinterpret_cast<const float*>(g),
+          reinterpret_cast<TO*>(out), ld_out, out_col0,
           reinterpret_cast<float*>(dtau_part), n_tiles_total, tile_col0);
     };
     if (out_dtype == kBFloat16) {

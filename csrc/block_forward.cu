@@ -11,6 +11,10 @@
 // split, never rows x cols. Output: out[s * rows + i] = log-sum-exp of row i over those columns
 // (-inf when the split has no column, or all of them are -inf). Python takes logsumexp over s and
 // over blocks.
+//
+// Margins (``target``, tile.cuh: TargetTerms): the epilogue adds delta[a] / tau to the target entry
+// of anchor row a, (a, labels[a] - offset) of an anchors x candidates block or (labels[a], a) of the
+// transposed positives block; without a margin target.mode is kTargetNone and nothing is read.
 #include "tile.cuh"
 
 namespace simcse {
@@ -24,7 +28,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     lse_partials_kernel(const TR* __restrict__ x, int64_t xs, int64_t n_x, const float* __restrict__ rx,
                         const TC* __restrict__ y, int64_t ys, int64_t n_y, const float* __restrict__ ry,
                         int64_t dim, const float* __restrict__ tau, float weight, int pattern, int n_splits,
-                        float* __restrict__ out) {
+                        float* __restrict__ out, TargetTerms target) {
   __shared__ __align__(128) float s[kBM * kSLd];
   __shared__ __align__(128) float scratch[kScratchFloats];
   __shared__ float row_max[kBM];
@@ -52,6 +56,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         bool is_const;
         float cos;
         logit = block_logit(s[u * kSLd + v], rx[i], ry[j], inv_tau, weight, pattern, i, j, n_x, &is_const, &cos);
+        const int64_t owner = target_owner(target, i, j);
+        if (owner >= 0) logit += target.delta[owner] * inv_tau;
       }
       s[u * kSLd + v] = logit;
     }
@@ -85,11 +91,14 @@ __global__ void __launch_bounds__(kThreads, 2)
 }  // namespace
 
 int launch_lse_partials(const Operand& rows, const Operand& cols, int64_t dim, uintptr_t tau, float weight,
-                        int pattern, int n_splits, uintptr_t out, int device, uintptr_t stream) {
+                        int pattern, int n_splits, uintptr_t out, uintptr_t labels, int target_mode,
+                        int64_t target_col_offset, uintptr_t target_delta, int device, uintptr_t stream) {
   cudaError_t err = cudaSetDevice(device);
   if (err != cudaSuccess) return static_cast<int>(err);
   const dim3 grid(static_cast<unsigned>((rows.rows + kBM - 1) / kBM), static_cast<unsigned>(n_splits));
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const TargetTerms target{target_mode, target_col_offset, reinterpret_cast<const int64_t*>(labels),
+                           reinterpret_cast<const float*>(target_delta), nullptr};
   const bool ok = dispatch_pair(rows.dtype, cols.dtype, [&](auto xr, auto yc) {
     using TR = decltype(xr);
     using TC = decltype(yc);
@@ -97,7 +106,8 @@ int launch_lse_partials(const Operand& rows, const Operand& cols, int64_t dim, u
     SIMCSE_LAUNCH(kernel, grid, kThreads, st,
         reinterpret_cast<const TR*>(rows.data), rows.stride, rows.rows, reinterpret_cast<const float*>(rows.inv_norm),
         reinterpret_cast<const TC*>(cols.data), cols.stride, cols.rows, reinterpret_cast<const float*>(cols.inv_norm),
-        dim, reinterpret_cast<const float*>(tau), weight, pattern, n_splits, reinterpret_cast<float*>(out));
+        dim, reinterpret_cast<const float*>(tau), weight, pattern, n_splits, reinterpret_cast<float*>(out),
+        target);
   });
   if (!ok) return static_cast<int>(cudaErrorInvalidValue);
   return static_cast<int>(cudaGetLastError());

@@ -197,6 +197,32 @@ __device__ __forceinline__ float block_logit(float dot, float ri, float rj, floa
   return logit;
 }
 
+/// The target entries of one block and the margins' per-row terms (simcse_kernels/reference.py,
+/// "Margins and similarity"): the target logit of anchor row a is (f(c_a) - m) / tau, i.e. the
+/// block's logit plus delta[a] / tau, and its dS gets the chain-rule factor grad[a] = f'(c_a).
+///
+///   mode        TargetCode: kTargetNone (no target entry to modify), kTargetRows (entry
+///               (a, labels[a] - col_offset): anchors x positives / negatives), kTargetCols (entry
+///               (labels[a], a): the transposed positives block of the symmetric column LSE);
+///   col_offset  label of the block's first column (kTargetRows);
+///   labels      int64[N] (read unless kTargetNone);
+///   delta       float32[N] f(c_a) - m - c_a, or null (no margin);
+///   grad        float32[N] f'(c_a), or null (no margin, or a forward kernel).
+struct TargetTerms {
+  int mode;
+  int64_t col_offset;
+  const int64_t* labels;
+  const float* delta;
+  const float* grad;
+};
+
+/// The anchor row whose target is entry (i, j) of the block, or -1 (always -1 for kTargetNone).
+__device__ __forceinline__ int64_t target_owner(const TargetTerms& t, int64_t i, int64_t j) {
+  if (t.mode == kTargetRows) return t.labels[i] - t.col_offset == j ? i : -1;
+  if (t.mode == kTargetCols) return t.labels[j] == i ? j : -1;
+  return -1;
+}
+
 /// Call ``f.template operator()<TR, TC>()`` for a (rows dtype, cols dtype) pair: equal dtypes,
 /// or one side float32. Returns false for an unsupported pair (float16 with bfloat16).
 template <typename F>

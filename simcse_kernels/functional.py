@@ -132,12 +132,6 @@ def info_nce_with_options(
     if backend == "naive":
         return reference_loss(anchors, positives, negatives, labels, options)
     anchors, positives, negatives = without_huge_rows(anchors, positives, negatives, options)
-    if backend == "cuda" and (options.has_margin or options.similarity != "cosine"):
-        # TODO(issue 21): margins / dot similarity in the CUDA extension
-        if options.backend != "auto":
-            raise NotImplementedError(f"margin, angular_margin and similarity='dot' are not yet implemented in "
-                                      f"backend {backend!r}; use backend='triton', 'torch' or 'naive'")
-        backend = "torch"  # auto: the chunked torch backend implements them
     if backend in ("triton", "cuda") and options.needs_own_docs:
         # TODO(issue 22): a joint doc_to_query, doc_to_doc and hardness in the Triton / CUDA kernels
         if options.backend != "auto":

@@ -20,7 +20,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import OPTION_SETS, assert_backend_matches_reference, make_inputs, split_option_set
+from conftest import (
+    MARGIN_OPTION_SETS,
+    OPTION_SETS,
+    assert_backend_matches_reference,
+    loss_and_grads,
+    make_inputs,
+    make_margin_inputs,
+    split_option_set,
+)
 
 import simcse_kernels.backends as backends
 from simcse_kernels import BackendUnavailableError, fused_info_nce
@@ -863,3 +871,277 @@ def test_emulated_double_backward_raises_clear_error(emulated_backend):
     a.requires_grad_()
     with pytest.raises(DoubleBackwardError, match="backend 'cuda'.*backend='naive'"):
         torch.autograd.grad(fused_info_nce(a, p, backend="cuda"), a, create_graph=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU emulation: margins (CosFace / ArcFace) and dot similarity (issue 21)
+# ---------------------------------------------------------------------------------------------
+
+
+class _MarginSpy(_ExtensionSpy):
+    """The backward spy, also recording the target arguments of every lse_partials / block_dlogits /
+    block_backward launch (the margins' epilogue inputs)."""
+
+    def __getattr__(self, name):
+        attr = getattr(self.module, name)
+        if name not in ("lse_partials", "block_dlogits", "block_backward", "target_backward"):
+            return attr
+        record = super().__getattr__(name) if name != "lse_partials" else attr
+
+        def with_targets(*args, **kwargs):
+            self.targets.append((name, {k: v for k, v in kwargs.items() if k.startswith(("target", "labels"))}))
+            return record(*args, **kwargs)
+
+        return with_targets
+
+
+@pytest.fixture
+def margin_spy(backward_spy, monkeypatch):
+    spy = _MarginSpy(backward_spy.module)
+    spy.chunks, spy.targets = backward_spy.chunks, []
+    monkeypatch.setattr(cuda_loss, "extension", lambda: spy)
+    return spy
+
+
+def _assert_margin_launches(spy, opts, atomic=False):
+    """The margins reached the kernels: every launch over a block holding targets got the per-row terms
+    (the symmetric column LSE in its transposed form), and no launch got them without a margin."""
+    margined = bool(opts.get("margin") or opts.get("angular_margin"))
+    lse = [kw for name, kw in spy.targets if name == "lse_partials"]
+    with_targets = [kw for kw in lse if kw.get("target_mode", 0) != 0]
+    if not margined:
+        assert not with_targets and not any(kw for name, kw in spy.targets if name != "lse_partials")
+        return
+    n_blocks_with_targets = 1 + (1 if opts.get("k") else 0)
+    modes = sorted(kw["target_mode"] for kw in with_targets)
+    assert modes == [cuda_loss.TARGET["rows"]] * n_blocks_with_targets + (
+        [cuda_loss.TARGET["cols"]] if opts.get("symmetric") else [])
+    kernel = "block_backward" if atomic else "block_dlogits"
+    assert any("target_delta" in kw and "target_grad" in kw for name, kw in spy.targets if name == kernel)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option_set", list(MARGIN_OPTION_SETS))
+def test_emulated_margins_every_option_set(margin_spy, option_set):
+    """Every margin / dot option set of the Triton tests (crossed with hard negatives and their weight,
+    anchor negatives, MixCSE, symmetric, reductions none/sum/mean), default backward, learnable tau,
+    N = 37 (not a multiple of the 64-row tile), D = 100: loss and every gradient against the float64
+    oracle."""
+    a, p, neg, opts = make_margin_inputs(option_set, 37, 100, seed=21)
+    assert_backend_matches_reference("cuda", a, p, neg, tau=torch.tensor(0.05), **opts)
+    assert "block_dlogits" in margin_spy.kernels and "block_backward" not in margin_spy.kernels
+    _assert_margin_launches(margin_spy, dict(MARGIN_OPTION_SETS[option_set]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option_set", ["arc_plus_margin_hard_neg", "margin_everything", "dot_margin_symmetric",
+                                        "margin_none"])
+def test_emulated_margins_atomic_backward(margin_spy, monkeypatch, option_set):
+    """SIMCSE_CUDA_BWD=atomic: block_backward redoes the target entries with the margin, target_backward
+    gets g·f'(c)."""
+    monkeypatch.setenv("SIMCSE_CUDA_BWD", "atomic")
+    a, p, neg, opts = make_margin_inputs(option_set, 37, 100, seed=22)
+    assert_backend_matches_reference("cuda", a, p, neg, tau=torch.tensor(0.05), **opts)
+    assert "block_backward" in margin_spy.kernels and "block_dlogits" not in margin_spy.kernels
+    _assert_margin_launches(margin_spy, dict(MARGIN_OPTION_SETS[option_set]), atomic=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("option_set", ["arc_plus_margin_hard_neg", "margin_everything", "dot_margin_symmetric"])
+def test_emulated_margins_16bit(backward_spy, dtype, option_set):
+    """16-bit inputs (the WMMA tiles): N = 70 (two row tiles, the last partial), D = 100."""
+    a, p, neg, opts = make_margin_inputs(option_set, 70, 100, dtype=dtype, seed=23)
+    assert_backend_matches_reference("cuda", a, p, neg, tau=torch.tensor(0.07), **opts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("similarity,margins", [("cosine", dict(margin=0.3, angular_margin=0.4)),
+                                                ("dot", dict(margin=0.3))])
+def test_emulated_margins_more_candidates_custom_labels_symmetric(backward_spy, similarity, margins):
+    """M > N over several column tiles (P = 75, K = 70 >= N as the weight needs), permuted labels with
+    one target among the negatives (its own hard negative: +w and the margin on one entry); symmetric
+    with repeated labels (the column direction reads the margined entries)."""
+    a, p, neg = make_inputs(12, 100, 70, n_pos=75, seed=24)
+    if similarity == "dot":
+        a, p, neg = (t * 0.1 for t in (a, p, neg))
+    labels = torch.randperm(75, generator=torch.Generator().manual_seed(2))[:12]
+    labels[3] = 75 + 3  # its own hard negative
+    assert_backend_matches_reference("cuda", a, p, neg, tau=torch.tensor(0.05), labels=labels,
+                                     hard_negative_weight=0.3, anchor_negatives=True, similarity=similarity,
+                                     **margins)
+    sym_labels = torch.tensor([3, 1, 4, 74, 5, 9, 2, 6, 5, 3, 3, 70])
+    assert_backend_matches_reference("cuda", a, p, None, tau=torch.tensor(0.05), labels=sym_labels,
+                                     symmetric=True, similarity=similarity, **margins)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bwd_mode", ["chunked", "atomic"])
+def test_emulated_arcface_target_cosines_near_one(backward_spy, monkeypatch, bwd_mode):
+    """Dropout views of one sentence (positives = anchors + tiny noise, cos ≈ 0.99995; three exact
+    copies, where the clamp is active and f'(c) = 0): finite loss and gradients, equal to the oracle."""
+    monkeypatch.setenv("SIMCSE_CUDA_BWD", bwd_mode)
+    g = torch.Generator().manual_seed(25)
+    a = torch.randn(19, 64, generator=g, dtype=torch.float64)
+    p = a + 0.01 * torch.randn(19, 64, generator=g, dtype=torch.float64)
+    p[:3] = a[:3]
+    a, p = a.float(), p.float()
+    loss, grads = loss_and_grads(fused_info_nce, a, p, None, torch.tensor(0.05), backend="cuda", angular_margin=0.5)
+    assert torch.isfinite(loss).all() and all(torch.isfinite(t).all() for t in grads if t is not None)
+    assert_backend_matches_reference("cuda", a, p, None, tau=torch.tensor(0.05), angular_margin=0.5, margin=0.1)
+
+
+@pytest.mark.slow
+def test_emulated_margins_several_row_chunks_bitwise_deterministic(backward_spy, monkeypatch):
+    """R = 64 (tiny budget): N = 70 gives two chunks, the second partial; the margined targets of
+    both chunks against the oracle, and two runs give bit-identical gradients (no atomics)."""
+    monkeypatch.setenv("SIMCSE_KERNELS_CHUNK_MIB", repr(TINY_MIB))
+    a, p, neg = make_inputs(70, 16, 70, seed=26)
+    opts = dict(hard_negative_weight=0.4, symmetric=True, margin=0.2, angular_margin=0.3)
+    assert_backend_matches_reference("cuda", a, p, neg, tau=torch.tensor(0.05), **opts)
+    assert {(s, e) for s, e, _, _ in backward_spy.dlogits} == {(0, 64), (64, 70)}
+
+    def grads():
+        leaves = [t.clone().requires_grad_(True) for t in (a, p, neg)]
+        tau = torch.tensor(0.05, requires_grad=True)
+        fused_info_nce(*leaves, temperature=tau, backend="cuda", **opts).backward()
+        return [leaf.grad for leaf in leaves] + [tau.grad]
+
+    for g0, g1 in zip(grads(), grads()):
+        assert torch.equal(g0, g1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option_set", ["margin_everything", "dot_margin_hard_neg"])
+def test_emulated_margins_add_no_gemm(margin_spy, monkeypatch, option_set):
+    """Margins and dot similarity cost no extra GEMM: the same kernel launches (one lse_partials per block,
+    one block_dlogits per block and chunk) and the same gradient-GEMM FLOPs as the option set without
+    them, over two row chunks."""
+    n, d = 70, 16
+    real = cuda_loss.accumulate_gemm
+    monkeypatch.setenv("SIMCSE_KERNELS_CHUNK_MIB", repr(TINY_MIB))
+
+    def count(opts, k):
+        flops = []
+
+        def gemm(out, x, y, accumulate):
+            flops.append(2 * x.shape[0] * x.shape[1] * y.shape[1])
+            return real(out, x, y, accumulate)
+
+        monkeypatch.setattr(cuda_loss, "accumulate_gemm", gemm)
+        for record in (margin_spy.kernels, margin_spy.dlogits, margin_spy.targets):
+            record.clear()
+        a, p, neg = make_inputs(n, d, k, seed=37)
+        leaves = [t.clone().requires_grad_(True) if t is not None else None for t in (a, p, neg)]
+        fused_info_nce(*leaves, backend="cuda", **opts).backward()
+        forward_launches = sum(name == "lse_partials" for name, _ in margin_spy.targets)
+        return sum(flops), forward_launches, sorted(margin_spy.dlogits), sorted(margin_spy.kernels)
+
+    m_opts = dict(MARGIN_OPTION_SETS[option_set])
+    k = n if m_opts.pop("k", 0) == "n" else 0
+    p_opts = {key: v for key, v in m_opts.items() if key not in ("margin", "angular_margin", "similarity")}
+    assert p_opts != m_opts
+    margined = count(m_opts, k)
+    assert margined == count(p_opts, k)
+    flops, forward_launches, dlogits, _ = margined
+    m_total = _m_total(n, n, k, m_opts)
+    blocks = 1 + bool(k) + bool(m_opts.get("anchor_negatives")) + 2 * (m_opts.get("mix_lambda") is not None)
+    assert forward_launches == blocks + bool(m_opts.get("symmetric"))
+    assert len(dlogits) == 2 * blocks  # two row chunks
+    assert flops / (2 * n * m_total * d) <= 2.0  # + 1 recompute (one dlogits per tile) + 1 forward: <= 4
+
+
+def test_margin_binding_argument_checks(emulated_extension):
+    """The bindings' checks of the margin arguments (api.cpp; the emulated build of this checkout's
+    sources, so a stale installed extension cannot hide a change)."""
+    ext = emulated_extension
+    args = _valid_lse_args()
+    for change, match in [
+        (dict(target_mode=3), r"target_mode must be 0 \(none\), 1 \(rows\) or 2 \(cols\), got 3"),
+        (dict(target_mode=1, labels=0, target_delta=512), r"labels is a null pointer"),
+        (dict(target_mode=2, labels=512, target_delta=0), r"target_delta is a null pointer"),
+        (dict(target_mode=1, labels=512, target_delta=1024, target_col_offset=-1),
+         r"target_mode 1 \(rows\) needs target_col_offset >= 0, got -1"),
+        (dict(target_mode=1, labels=516, target_delta=1024, target_col_offset=0),
+         r"labels pointer 0x204 is not aligned to 8 bytes"),
+    ]:
+        with pytest.raises(ValueError, match=r"_cuda_ext\.lse_partials: " + match):
+            ext.lse_partials(**{**args, **change})
+    with pytest.raises(ValueError, match=r"block_dlogits: target_delta and target_grad must both be given or both"):
+        ext.block_dlogits(**_dlogits_args(target_delta=4096))
+    with pytest.raises(ValueError, match=r"block_dlogits: target_grad pointer 0x1002 is not aligned to 4 bytes"):
+        ext.block_dlogits(**_dlogits_args(target_delta=4096, target_grad=4098))
+    x = (4096, 0, 7, 100, 8192)
+    bwd = (x, x, 100, 256, 0.0, 0, 512, 768, 0, 0, 0, 0, 2048, 1, 0, 0)
+    with pytest.raises(ValueError, match=r"block_backward: target_col_offset must be >= 0, or -1 for a block"):
+        ext.block_backward(*bwd, target_col_offset=-2)
+    with pytest.raises(ValueError, match=r"block_backward: target_grad is a null pointer"):
+        ext.block_backward(*bwd, labels=1024, target_col_offset=0, target_delta=1280)
+
+
+def test_float64_on_auto_keeps_the_margins():
+    """"auto" lands in cuda_info_nce with float64 (CUDA) inputs and computes them with the torch backend:
+    the margins and dot similarity must travel along (called directly here, on CPU tensors)."""
+    from simcse_kernels.options import InfoNCEOptions
+    from simcse_kernels.reference import reference_loss
+
+    a, p, neg = make_inputs(9, 24, 9, dtype=torch.float64, seed=27)
+    labels = torch.arange(9)
+    for kwargs in (dict(margin=0.3, angular_margin=0.2, hard_negative_weight=0.5, symmetric=True),
+                   dict(margin=0.3, similarity="dot", reduction="none")):
+        options = InfoNCEOptions(temperature=0.05, **kwargs)
+        torch.testing.assert_close(cuda_loss.cuda_info_nce(a, p, neg, labels, options),
+                                   reference_loss(a, p, neg, labels, options), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_emulated_auto_routes_margins_to_the_extension(margin_spy, monkeypatch):
+    """``backend="auto"`` resolving to "cuda" (here through SIMCSE_KERNELS_BACKEND) runs the margins on the
+    extension (it used to fall back to "torch")."""
+    monkeypatch.setenv("SIMCSE_KERNELS_BACKEND", "cuda")
+    a, p, neg = make_inputs(9, 24, 9, seed=28)
+    assert_backend_matches_reference("auto", a, p, neg, tau=torch.tensor(0.05), margin=0.2, angular_margin=0.3,
+                                     hard_negative_weight=0.5)
+    assert "block_dlogits" in margin_spy.kernels
+    _assert_margin_launches(margin_spy, dict(k="n", margin=0.2))
+
+
+@pytest.mark.parametrize("opts", [dict(margin=0.3, angular_margin=0.2), dict(margin=0.3, dot=True)])
+def test_fake_ops_with_margins_and_dot(opts):
+    """The custom ops' fake implementations take the margin / dot arguments (meta device)."""
+    n, d = 5, 7
+    meta = dict(device="meta")
+    a = torch.empty(n, d, requires_grad=True, **meta)
+    p = torch.empty(n, d, requires_grad=True, **meta)
+    tau = torch.empty((), requires_grad=True, **meta)
+    labels = torch.empty(n, dtype=torch.int64, **meta)
+    loss = cuda_loss.CudaInfoNCEFunction.apply(a, p, None, None, None, tau, labels, 0.0, False, True, None,
+                                               opts["margin"], opts.get("angular_margin", 0.0), opts.get("dot", False))
+    assert loss.shape == (n,) and loss.dtype == torch.float32
+    loss.sum().backward()
+    assert a.grad.shape == a.shape and p.grad.shape == p.shape and tau.grad.shape == ()
+
+
+def test_selfcheck_key_separates_margins_and_dot_for_cuda():
+    """The first-use self-check remembers results per key: a margin, an angular margin or dot similarity
+    on backend "cuda" is a key of its own (never served by a plain cosine check)."""
+    from simcse_kernels.options import InfoNCEOptions
+    from simcse_kernels.selfcheck import check_key
+
+    a, _, _ = make_inputs(4, 8)
+    keys = {check_key("cuda", a, None, InfoNCEOptions(**kw))
+            for kw in (dict(), dict(margin=0.3), dict(angular_margin=0.3), dict(similarity="dot"),
+                       dict(similarity="dot", margin=0.3), dict(margin=0.3, angular_margin=0.3))}
+    assert len(keys) == 6
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("option_set", list(MARGIN_OPTION_SETS))
+@pytest.mark.parametrize("bwd_mode", ["chunked", "atomic"])
+def test_margin_parity_on_gpu(dtype, option_set, bwd_mode, monkeypatch):
+    """Every margin / dot option set on the GPU build (WMMA tiles, cuBLAS GEMMs), both backwards."""
+    _cuda_or_skip()
+    monkeypatch.setenv("SIMCSE_CUDA_BWD", bwd_mode)
+    a, p, neg, opts = make_margin_inputs(option_set, 129, 384, dtype=dtype, device="cuda", seed=29)
+    assert_backend_matches_reference("cuda", a, p, neg, tau=torch.tensor(0.05), **opts)

@@ -55,6 +55,24 @@ build the N x M logit matrix:
 MixCSE's detached mixtures ``mix3``/``mix4`` are built here in float32 (O(N·D)) and enter the
 kernels as float32 operands (their blocks use the FMA tiles); no gradient flows through them.
 
+Margins (``margin``, ``angular_margin``; math in :mod:`simcse_kernels.reference`, "Margins and
+similarity") change only each row's target entry (i, l_i), so they live in the epilogues of the
+existing logit tiles (no extra kernel over the N x M logits, no extra GEMM). The O(N·D) row kernel
+``target_cos`` gives each row's target similarity c_i; :func:`margin_terms` turns it into
+``δ_i = f(c_i) − m − c_i`` and ``f'(c_i)`` (O(N) elementwise torch, recomputed bitwise equal in the
+backward). ``lse_partials`` adds ``δ_i/tau`` to the target entry of the anchors x positives /
+negatives blocks (``TargetTerms`` mode "rows", csrc/tile.cuh) and of the symmetric loss's
+transposed positives block (mode "cols": the column direction reads the same margined matrix);
+``block_dlogits`` recomputes that logit the same way, multiplies the target's ∂L/∂s (its −g_i
+included) by ``f'(c_i)`` and gives the ∂tau partial ``dS·(f(c_i) − m)``; the loss's target logit is
+``(f(c) − m)/tau`` (+w at the row's own hard negative), and ∂tau subtracts ``Σ g_i (f(c_i) − m)``
+in float64. The atomic backward does the same in ``block_backward`` (each target entry redone by
+one thread per row after the tile's dS pass) and passes ``g·f'(c)`` to ``target_backward``. Without
+a margin no target term is read. ``similarity="dot"``: every inverse norm is 1 (the tiles' "cosines"
+are raw dot products), the normalization backward is skipped (∂x = the GEMMs' sums / tau) and no
+row is rescaled; a margin still applies, ``angular_margin``/MixCSE do not exist there
+(``InfoNCEOptions`` refuses them).
+
 The kernels are exposed as the custom ops ``simcse_kernels::cuda_info_nce_forward`` and
 ``simcse_kernels::cuda_info_nce_backward`` (with fake implementations, so shapes propagate under
 ``torch.compile`` and on the meta device), called from :class:`CudaInfoNCEFunction`. Tensors go
@@ -75,7 +93,7 @@ import torch
 
 from ..errors import BackendUnavailableError, refuse_double_backward
 from ..options import InfoNCEOptions
-from ..reference import mixed_features, reduce_loss
+from ..reference import margin_target_grad, margin_target_logit_cos, mixed_features, reduce_loss
 from .budget import chunk_budget_bytes, rows_per_chunk
 from .features import logit_blocks, temperature_tensor
 from .gemm import accumulate_gemm, backward_mode_from_env, ds_storage_dtype
@@ -83,6 +101,8 @@ from .gemm import accumulate_gemm, backward_mode_from_env, ds_storage_dtype
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 PATTERN = {"none": 0, "hard": 1, "self": 2, "mix3": 3, "mix4": 4}
+#: where a block's target entries are (csrc/launchers.h, TargetCode)
+TARGET = {"none": 0, "rows": 1, "cols": 2}
 TILE = 64  # rows and columns of a kernel tile (csrc/tile.cuh)
 #: environment variable selecting the backward: "chunked" (default) or "atomic"
 BACKWARD_ENV = "SIMCSE_CUDA_BWD"
@@ -174,9 +194,13 @@ def _operand(t: torch.Tensor | None, inv_norm: torch.Tensor | None, dim: int) ->
 
 
 class _Launch:
-    """Device index, stream and inverse norms shared by the kernel launches of one call."""
+    """Device index, stream and inverse norms shared by the kernel launches of one call.
 
-    def __init__(self, tensors: dict[str, torch.Tensor | None]):
+    ``dot`` (``similarity="dot"``): every inverse norm is 1, so the kernels' "cosines" are the raw
+    dot products (and the backward skips the normalization).
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor | None], dot: bool = False):
         self.ext = extension()
         first = tensors["anchors"]
         self.device = first.device
@@ -184,9 +208,13 @@ class _Launch:
         self.stream = torch.cuda.current_stream(self.device).cuda_stream
         self.dim = first.shape[1]
         self.tensors = tensors
+        self.dot = dot
         self.inv_norms = {}
         for name, t in tensors.items():
             if t is None:
+                continue
+            if dot:
+                self.inv_norms[name] = torch.ones(t.shape[0], device=self.device, dtype=torch.float32)
                 continue
             r = torch.empty(t.shape[0], device=self.device, dtype=torch.float32)
             self.ext.row_inv_norms(_operand(t, None, self.dim), self.dim, r.data_ptr(), self.index, self.stream)
@@ -197,6 +225,19 @@ class _Launch:
 
     def splits(self, rows: str, cols: str) -> int:
         return n_splits(self.tensors[rows].shape[0], self.tensors[cols].shape[0], _sm_count(self.index))
+
+
+def margin_terms(target_cos: torch.Tensor, margin: float, angular_margin: float):
+    """The margins' per-row target terms from the target similarities ``c`` (reference.py, "Margins").
+
+    Returns ``(f(c) − m, δ = f(c) − m − c, f'(c))``, each (N,) float32 and contiguous: the target
+    logit is ``(f(c) − m)/tau``, the kernels add ``δ/tau`` to the block's target entry and multiply its
+    ∂L/∂s by ``f'(c)``. Elementwise and deterministic, so the forward and the backward compute the same
+    δ from the same ``c``.
+    """
+    target_sim = margin_target_logit_cos(target_cos, margin, angular_margin)
+    return (target_sim.contiguous(), (target_sim - target_cos).contiguous(),
+            margin_target_grad(target_cos, angular_margin).to(torch.float32).contiguous())
 
 
 @torch.library.custom_op("simcse_kernels::cuda_info_nce_forward", mutates_args=(), device_types="cuda")
@@ -211,6 +252,9 @@ def cuda_info_nce_forward(
     hard_negative_weight: float,
     anchor_negatives: bool,
     symmetric: bool,
+    margin: float = 0.0,
+    angular_margin: float = 0.0,
+    dot: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row LSEs, column LSEs and target cosines of the loss (custom op; CUDA only).
 
@@ -221,40 +265,53 @@ def cuda_info_nce_forward(
         tau: 0-dim float32 temperature on the device.
         labels: (N,) int64 targets in [0, P + K).
         hard_negative_weight, anchor_negatives, symmetric: the loss options.
+        margin, angular_margin: the target margins (reference.py, "Margins"): the target entry of
+            each row (and, symmetric, of each column direction) gets ``δ_i/tau`` (:func:`margin_terms`).
+        dot: ``similarity="dot"`` (every inverse norm 1: raw dot products).
 
     Returns:
         lse (N,) float32 over every block; col_lse (P,) float32 of the positives block's columns
-        (empty (0,) unless symmetric); target_cos (N,) float32 = cos(anchor i, candidate labels[i]).
+        (empty (0,) unless symmetric); target_cos (N,) float32 = cos(anchor i, candidate labels[i])
+        (the raw dot product with ``dot``; before any margin).
     """
     launch = _Launch({"anchors": anchors, "positives": positives, "negatives": negatives, "mix3": mix3,
-                      "mix4": mix4})
+                      "mix4": mix4}, dot)
     ext, dim = launch.ext, launch.dim
-    n = anchors.shape[0]
+    n, n_pos = anchors.shape[0], positives.shape[0]
+    target_cos = torch.empty(n, device=anchors.device, dtype=torch.float32)
+    ext.target_cos(launch.op("anchors"), launch.op("positives"), launch.op("negatives"), dim, labels.data_ptr(),
+                   target_cos.data_ptr(), launch.index, launch.stream)
+    delta = margin_terms(target_cos, margin, angular_margin)[1] if margin or angular_margin else None
+
+    def targets(mode, offset=-1):  # keyword arguments of a launch whose block holds target entries
+        if delta is None or (mode == "rows" and offset < 0):
+            return {}
+        return dict(labels=labels.data_ptr(), target_mode=TARGET[mode], target_col_offset=offset,
+                    target_delta=delta.data_ptr())
+
     parts = []
     for rows, cols, pattern in logit_blocks(negatives is not None, anchor_negatives, mix3 is not None):
         splits = launch.splits(rows, cols)
         part = torch.empty((splits, n), device=anchors.device, dtype=torch.float32)
         ext.lse_partials(launch.op(rows), launch.op(cols), dim, tau.data_ptr(), hard_negative_weight,
-                         PATTERN[pattern], splits, part.data_ptr(), launch.index, launch.stream)
+                         PATTERN[pattern], splits, part.data_ptr(), launch.index, launch.stream,
+                         **targets("rows", _target_col_offset(rows, cols, n_pos)))
         parts.append(part)
     lse = torch.logsumexp(torch.cat(parts), dim=0)
-    if symmetric:
+    if symmetric:  # the column direction reads the same (margined) positives block, transposed
         splits = launch.splits("positives", "anchors")
-        part = torch.empty((splits, positives.shape[0]), device=anchors.device, dtype=torch.float32)
+        part = torch.empty((splits, n_pos), device=anchors.device, dtype=torch.float32)
         ext.lse_partials(launch.op("positives"), launch.op("anchors"), dim, tau.data_ptr(), 0.0, PATTERN["none"],
-                         splits, part.data_ptr(), launch.index, launch.stream)
+                         splits, part.data_ptr(), launch.index, launch.stream, **targets("cols"))
         col_lse = torch.logsumexp(part, dim=0)
     else:
         col_lse = torch.empty(0, device=anchors.device, dtype=torch.float32)
-    target_cos = torch.empty(n, device=anchors.device, dtype=torch.float32)
-    ext.target_cos(launch.op("anchors"), launch.op("positives"), launch.op("negatives"), dim, labels.data_ptr(),
-                   target_cos.data_ptr(), launch.index, launch.stream)
     return lse, col_lse, target_cos
 
 
 @cuda_info_nce_forward.register_fake
 def _cuda_info_nce_forward_fake(anchors, positives, negatives, mix3, mix4, tau, labels, hard_negative_weight,
-                                anchor_negatives, symmetric):
+                                anchor_negatives, symmetric, margin=0.0, angular_margin=0.0, dot=False):
     n, p = anchors.shape[0], positives.shape[0]
     return (anchors.new_empty(n, dtype=torch.float32), anchors.new_empty(p if symmetric else 0, dtype=torch.float32),
             anchors.new_empty(n, dtype=torch.float32))
@@ -290,8 +347,11 @@ def _zero_grad_buffers(t: dict) -> tuple[dict, torch.Tensor]:
 
 
 def _backward_chunked(launch, tau, labels, lse, col_lse, row_weight, col_weight, g, w, anchor_negatives, symmetric,
-                      chunk_budget_mib):
+                      margins, chunk_budget_mib):
     """The default backward (module docstring): row chunks of ds, two GEMMs per block.
+
+    ``margins``: :func:`margin_terms` of the target similarities, or None (no margin); block_dlogits
+    applies their δ and f'(c) at the target entries.
 
     Returns:
         ({name: float32 ∂x̂ (rows, D)} for anchors, positives and negatives (if any), 0-dim float64
@@ -318,6 +378,8 @@ def _backward_chunked(launch, tau, labels, lse, col_lse, row_weight, col_weight,
         return raw_cache[name]
 
     grads, dtau_acc = _zero_grad_buffers(t)
+    margin_ptrs = {} if margins is None else dict(target_delta=margins[1].data_ptr(),
+                                                  target_grad=margins[2].data_ptr())
     rows_cap = backward_rows_per_chunk(n, m_total, storage, chunk_budget_mib)
     ds_buf = torch.empty((min(rows_cap, n), m_total), device=dev, dtype=storage)
     part_buf = torch.empty((min(rows_cap, n), n_tiles), device=dev, dtype=torch.float32)
@@ -331,7 +393,7 @@ def _backward_chunked(launch, tau, labels, lse, col_lse, row_weight, col_weight,
                 r1, lse.data_ptr(), row_weight.data_ptr(), col_lse.data_ptr() if column_softmax else 0,
                 col_weight.data_ptr() if column_softmax else 0, labels.data_ptr(), g.data_ptr(),
                 _target_col_offset(block.rows, block.cols, n_pos), ds.data_ptr(), DTYPE_CODES[storage], m_total,
-                c0, part.data_ptr(), n_tiles, tile_c0, launch.index, launch.stream,
+                c0, part.data_ptr(), n_tiles, tile_c0, launch.index, launch.stream, **margin_ptrs,
             )
         dtau_acc += part.sum(dtype=torch.float64)
         for block, c0, _, m in layout:
@@ -340,26 +402,38 @@ def _backward_chunked(launch, tau, labels, lse, col_lse, row_weight, col_weight,
                 accumulate_gemm(grads[block.rows][r0:r1], ds_block, raw(block.cols), accumulate=True)
             if block.cols in grads:
                 accumulate_gemm(grads[block.cols], ds_block.T, raw(block.rows)[r0:r1], accumulate=True)
-    for name, buf in grads.items():  # the GEMMs gave r ∂x̂: divide the row scaling out
-        buf.div_(launch.inv_norms[name][:, None])
+    for name, buf in grads.items():  # the GEMMs gave r ∂x̂: divide the row scaling out (dot: r = 1)
+        if not launch.dot:
+            buf.div_(launch.inv_norms[name][:, None])
     return grads, dtau_acc
 
 
-def _backward_atomic(launch, tau, labels, lse, col_lse, row_weight, col_weight, g, w, anchor_negatives, symmetric):
-    """The ``SIMCSE_CUDA_BWD=atomic`` backward: block_backward + target_backward (float atomics)."""
+def _backward_atomic(launch, tau, labels, lse, col_lse, row_weight, col_weight, g, w, anchor_negatives, symmetric,
+                     margins):
+    """The ``SIMCSE_CUDA_BWD=atomic`` backward: block_backward + target_backward (float atomics).
+
+    ``margins``: :func:`margin_terms` of the target similarities, or None; block_backward applies
+    their δ and f'(c) to the target entries' softmax part, target_backward gets ``g·f'(c)``.
+    """
     ext, dim, t = launch.ext, launch.dim, launch.tensors
     grads, dtau_acc = _zero_grad_buffers(t)
     ptr = lambda x: 0 if x is None else x.data_ptr()
+    n_pos = t["positives"].shape[0]
     for rows, cols, pattern in logit_blocks(t["negatives"] is not None, anchor_negatives, t["mix3"] is not None):
         column_softmax = symmetric and (rows, cols) == ("anchors", "positives")
+        offset = _target_col_offset(rows, cols, n_pos)
+        margin_args = {} if margins is None or offset < 0 else dict(
+            labels=labels.data_ptr(), target_col_offset=offset, target_delta=margins[1].data_ptr(),
+            target_grad=margins[2].data_ptr())
         ext.block_backward(
             launch.op(rows), launch.op(cols), dim, tau.data_ptr(), w, PATTERN[pattern],
             lse.data_ptr(), row_weight.data_ptr(), col_lse.data_ptr() if column_softmax else 0,
             col_weight.data_ptr() if column_softmax else 0, ptr(grads.get(rows)), ptr(grads.get(cols)),
-            dtau_acc.data_ptr(), launch.splits(rows, cols), launch.index, launch.stream,
+            dtau_acc.data_ptr(), launch.splits(rows, cols), launch.index, launch.stream, **margin_args,
         )
+    g_target = g if margins is None else (g * margins[2]).contiguous()  # the target's -g_i, times f'(c_i)
     ext.target_backward(launch.op("anchors"), launch.op("positives"), launch.op("negatives"), dim, labels.data_ptr(),
-                        g.data_ptr(), grads["anchors"].data_ptr(), grads["positives"].data_ptr(),
+                        g_target.data_ptr(), grads["anchors"].data_ptr(), grads["positives"].data_ptr(),
                         ptr(grads.get("negatives")), launch.index, launch.stream)
     return grads, dtau_acc
 
@@ -382,6 +456,10 @@ def cuda_info_nce_backward(
     anchor_negatives: bool,
     symmetric: bool,
     chunk_budget_mib: float | None = None,
+    target_cos: torch.Tensor | None = None,
+    margin: float = 0.0,
+    angular_margin: float = 0.0,
+    dot: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of sum_i g_i loss_i w.r.t. the raw embeddings, and sum dS·cos (custom op; CUDA only).
 
@@ -393,27 +471,36 @@ def cuda_info_nce_backward(
         g: (N,) float32 upstream gradient of the per-row losses (weight of the target logits).
         chunk_budget_mib: budget of the default backward's (R, M) ds chunk (None: the
             ``$SIMCSE_KERNELS_CHUNK_MIB`` / 256 MiB default); unused by the atomic backward.
+        target_cos: (N,) float32 target similarities from the forward (needed with a margin).
+        margin, angular_margin: the target margins, as the forward (their per-row terms come from
+            :func:`margin_terms` of ``target_cos``, bitwise the forward's).
+        dot: ``similarity="dot"`` (no normalization: the gradients are ∂x = ∂(x·y)-terms / tau).
 
     Returns:
         grad_anchors (N, D), grad_positives (P, D), grad_negatives (K, D) or (0, D), all in the
-        input dtype, and a 0-dim float64 ``sum_ij dS_ij cos_ij`` over the non-target logits
-        (dL/dtau = -(that - sum_i g_i target_cos_i) / tau^2).
+        input dtype, and a 0-dim float64 ``sum_ij dS_ij sim_ij`` over the non-target logits' dS
+        (``sim`` = the cosine, ``f(c) − m`` at margined targets; dL/dtau = -(that - sum_i g_i
+        target_sim_i) / tau^2).
     """
     mode = backward_mode()
     launch = _Launch({"anchors": anchors, "positives": positives, "negatives": negatives, "mix3": mix3,
-                      "mix4": mix4})
+                      "mix4": mix4}, dot)
     ext, dim = launch.ext, launch.dim
+    margins = margin_terms(target_cos, margin, angular_margin) if margin or angular_margin else None
     args = (launch, tau, labels, lse, col_lse, row_weight, col_weight, g, hard_negative_weight, anchor_negatives,
             symmetric)
     if mode == "atomic":
-        grads, dtau_acc = _backward_atomic(*args)
+        grads, dtau_acc = _backward_atomic(*args, margins)
     else:
-        grads, dtau_acc = _backward_chunked(*args, chunk_budget_mib)
+        grads, dtau_acc = _backward_chunked(*args, margins, chunk_budget_mib)
     outputs = []
     for name in ("anchors", "positives", "negatives"):
         t = launch.tensors[name]
         if t is None:
             outputs.append(anchors.new_empty((0, dim)))
+            continue
+        if dot:  # no normalization backward: ∂x = (the GEMMs' ∂(x·y) terms) / tau
+            outputs.append(grads[name].div_(tau).to(t.dtype))
             continue
         out = torch.empty(t.shape, device=t.device, dtype=t.dtype)
         ext.normalize_backward(_operand(t, None, dim), dim, grads[name].data_ptr(), tau.data_ptr(), out.data_ptr(),
@@ -425,15 +512,17 @@ def cuda_info_nce_backward(
 @cuda_info_nce_backward.register_fake
 def _cuda_info_nce_backward_fake(anchors, positives, negatives, mix3, mix4, tau, labels, lse, col_lse, row_weight,
                                  col_weight, g, hard_negative_weight, anchor_negatives, symmetric,
-                                 chunk_budget_mib=None):
+                                 chunk_budget_mib=None, target_cos=None, margin=0.0, angular_margin=0.0,
+                                 dot=False):
     grad_n = torch.empty_like(negatives) if negatives is not None else anchors.new_empty((0, anchors.shape[1]))
     return (torch.empty_like(anchors), torch.empty_like(positives), grad_n,
             anchors.new_empty((), dtype=torch.float64))
 
 
-def _target_logits(target_cos, tau, labels, n_pos, has_negatives, weight):
-    """Each row's target logit: cos / tau, plus w when the target is the row's own hard negative."""
-    target = target_cos / tau
+def _target_logits(target_sim, tau, labels, n_pos, has_negatives, weight):
+    """Each row's target logit: sim / tau (sim = cos, or f(c) − m with margins), plus w when the target
+    is the row's own hard negative."""
+    target = target_sim / tau
     if has_negatives and weight != 0.0:
         rows = torch.arange(labels.shape[0], device=labels.device)
         target = target + weight * (labels == n_pos + rows)
@@ -444,30 +533,35 @@ class CudaInfoNCEFunction(torch.autograd.Function):
     """Per-row losses (N,) float32 from raw embeddings via the CUDA kernels (see module docstring).
 
     apply(anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric,
-    chunk_budget_mib=None): tensors as :func:`cuda_info_nce_forward`, ``chunk_budget_mib`` as
-    :func:`cuda_info_nce_backward`; gradients reach anchors, positives, negatives (input dtype)
-    and tau (float32).
+    chunk_budget_mib=None, margin=0.0, angular_margin=0.0, dot=False): tensors as
+    :func:`cuda_info_nce_forward`, ``chunk_budget_mib`` as :func:`cuda_info_nce_backward`, the margins
+    and ``dot`` (``similarity="dot"``) as the forward op; gradients reach anchors, positives,
+    negatives (input dtype) and tau (float32).
     """
 
     @staticmethod
     def forward(ctx, anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric,
-                chunk_budget_mib=None):
+                chunk_budget_mib=None, margin=0.0, angular_margin=0.0, dot=False):
         lse, col_lse, target_cos = torch.ops.simcse_kernels.cuda_info_nce_forward(
-            anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric
+            anchors, positives, negatives, mix3, mix4, tau, labels, w, anchor_negatives, symmetric, margin,
+            angular_margin, dot,
         )
-        target = _target_logits(target_cos, tau, labels, positives.shape[0], negatives is not None, w)
+        has_margin = bool(margin or angular_margin)
+        target_sim = margin_terms(target_cos, margin, angular_margin)[0] if has_margin else target_cos
+        target = _target_logits(target_sim, tau, labels, positives.shape[0], negatives is not None, w)
         loss = lse - target
         if symmetric:
             loss = 0.5 * (loss + col_lse[labels] - target)
         ctx.save_for_backward(anchors, positives, negatives, mix3, mix4, tau, labels, lse, col_lse, target_cos)
-        ctx.options = (w, anchor_negatives, symmetric, chunk_budget_mib)
+        ctx.options = (w, anchor_negatives, symmetric, chunk_budget_mib, margin, angular_margin, dot)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         refuse_double_backward('cuda', torch.is_grad_enabled(), torch.compiler.is_compiling())
         anchors, positives, negatives, mix3, mix4, tau, labels, lse, col_lse, target_cos = ctx.saved_tensors
-        w, anchor_negatives, symmetric, chunk_budget_mib = ctx.options
+        w, anchor_negatives, symmetric, chunk_budget_mib, margin, angular_margin, dot = ctx.options
+        target_sim = margin_terms(target_cos, margin, angular_margin)[0] if margin or angular_margin else target_cos
         g = grad_loss.float().contiguous()
         if symmetric:
             row_weight = 0.5 * g
@@ -477,13 +571,13 @@ class CudaInfoNCEFunction(torch.autograd.Function):
             col_weight = g.new_empty(0)
         grad_a, grad_p, grad_n, dtau_acc = torch.ops.simcse_kernels.cuda_info_nce_backward(
             anchors, positives, negatives, mix3, mix4, tau, labels, lse, col_lse, row_weight, col_weight, g, w,
-            anchor_negatives, symmetric, chunk_budget_mib,
+            anchor_negatives, symmetric, chunk_budget_mib, target_cos, margin, angular_margin, dot,
         )
-        # sum dS·cos nearly cancels against the target term: subtract in float64
-        dtau_cos = dtau_acc - (g.double() * target_cos.double()).sum()
+        # sum dS·sim nearly cancels against the target term: subtract in float64
+        dtau_cos = dtau_acc - (g.double() * target_sim.double()).sum()
         grad_tau = (-dtau_cos / (tau.double() * tau.double())).to(tau.dtype)
         return (grad_a, grad_p, grad_n if negatives is not None else None, None, None, grad_tau,
-                None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def _check_cuda_inputs(anchors, positives, negatives, labels) -> None:
@@ -542,5 +636,6 @@ def cuda_info_nce(
         mix3, mix4, tau, labels.to(torch.int64).contiguous(), float(options.hard_negative_weight),
         options.anchor_negatives, options.symmetric,
         None if options.chunk_budget_mib is None else float(options.chunk_budget_mib),
+        float(options.margin), float(options.angular_margin), options.similarity == "dot",
     )
     return reduce_loss(per_row, options.reduction)

@@ -22,8 +22,11 @@ def _losses(out_dir):
     return {r["step"]: r["loss"] for r in recs if "loss" in r}
 
 
-@pytest.mark.parametrize("extra", [{}, {"grad_cache_chunk": 3, "do_mlm": True, "learnable_temperature": True}],
-                         ids=["plain", "grad_cache_mlm_learnable_tau"])
+@pytest.mark.parametrize("extra", [{}, {"grad_cache_chunk": 3, "do_mlm": True, "learnable_temperature": True},
+                                   {"encoder": "textcnn", "cnn_widths": "2,3", "cnn_maps": 8, "grad_cache_chunk": 3},
+                                   {"augment": "word_deletion:0.2"}, {"encoder": "textcnn", "augment": "crop:0.2"}],
+                         ids=["plain", "grad_cache_mlm_learnable_tau", "textcnn_grad_cache", "word_deletion",
+                              "textcnn_crop"])
 def test_resume_matches_uninterrupted(tmp_path, extra):
     model_dir = build_tiny_bert(tmp_path / "tiny", SENTS, hidden=32, layers=2)
     corpus = tmp_path / "corpus.txt"

@@ -27,6 +27,13 @@ HELP = {
     "model": MODEL_FORMS,
     "train_file": "unsup: text file, one sentence a line; sup: CSV with header sent0,sent1[,hard_neg]",
     "output_dir": "metrics.jsonl, checkpoints/, best/ and final/ go here (an existing run here is resumed)",
+    "encoder": "transformer: --model's Hugging Face encoder + --pooler; textcnn: a Kim-2014 TextCNN over --model's "
+               "tokenizer and initial token-embedding table (or a TextCNN export, then the --cnn_* flags are unused)",
+    "cnn_widths": "textcnn: comma-separated convolution widths (Kim 2014: 3,4,5)",
+    "cnn_maps": "textcnn: feature maps per width",
+    "cnn_dim": "textcnn: output dimension of the projection after the pooled features (default: the "
+               "token-embedding width, e.g. 384 for MiniLM)",
+    "cnn_dropout": "textcnn: dropout on the token embeddings and on the pooled features (SimCSE's views)",
     "pooler": f"one of {', '.join(POOLERS)}; default: the model's simcse_config.json, else its "
               "sentence-transformers pooling (mean -> avg, cls -> cls_before_pooler), else cls (SimCSE's default)",
     "mlp_only_train": "use the MLP head (pooler cls) only in training, as SimCSE's unsup recipe",
@@ -43,6 +50,10 @@ HELP = {
     "learnable_temperature": "learn log(temperature)",
     "hard_negative_weight": "log-weight added to each anchor's own hard negative (sup SimCSE)",
     "mix_lambda": "MixCSE mixing coefficient lambda (none = off)",
+    "augment": "discrete positive for unsup SimCSE (SimCSE Table 1): crop:R (a random contiguous span of "
+               "(1-R) of the words), word_deletion:R (each word deleted with probability R) or delete_one_word; "
+               "the anchor is the sentence itself; seeded by --seed and the step",
+    "no_dropout": "switch every dropout of the encoder off (SimCSE's w/o-dropout rows)",
     "symmetric": "also the positives -> anchors direction, averaged",
     "do_mlm": "SimCSE's auxiliary masked-LM loss",
     "mlm_weight": "weight of the MLM loss",
@@ -176,8 +187,9 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         examples = check_train_inputs(cfg)
         check_model(cfg.model)
-        cfg.pooler, source, notes = resolve_pooler(cfg.model, cfg.pooler, default="cls")
-        _print_pooler(cfg.pooler, source, notes)
+        if cfg.encoder == "transformer":
+            cfg.pooler, source, notes = resolve_pooler(cfg.model, cfg.pooler, default="cls")
+            _print_pooler(cfg.pooler, source, notes)
         from .trainer import train
 
         summary = train(cfg, examples=examples)

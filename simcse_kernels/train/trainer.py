@@ -30,21 +30,32 @@ import torch
 
 from ..module import FusedInfoNCE
 from . import checkpoint as ckpt
-from .data import TOKEN_KEYS, BatchOrder, Collator, check_enough_examples, read_examples, split_batch
+from .data import (
+    TOKEN_KEYS,
+    BatchOrder,
+    Collator,
+    augment_sentence,
+    check_enough_examples,
+    parse_augment,
+    read_examples,
+    split_batch,
+)
 from .distributed import average_gradients, init_from_env, is_distributed, mean_over_ranks, rank_and_world
 from .errors import TrainingStopped, UsageError, write_failed
 from .grad_cache import cuda_devices_of, grad_cache_backward
 from .model import SimCSEModel, check_model, resolve_pooler
 from .objective import contrastive_loss
 from .pooling import POOLERS
+from .textcnn import TextCNNModel, parse_widths
 
+ENCODERS = ("transformer", "textcnn")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKEND_NAMES = ("auto", "naive", "torch", "triton", "cuda")
 NONFINITE_ACTIONS = ("stop", "skip")
 # Flags whose change on resume changes what is trained (the others, e.g. --log_every, may change freely).
-RESUME_FLAGS = ("model", "train_file", "pooler", "mlp_only_train", "max_length", "batch_size", "grad_cache_chunk",
+RESUME_FLAGS = ("model", "train_file", "encoder", "cnn_widths", "cnn_maps", "cnn_dim", "cnn_dropout", "pooler", "mlp_only_train", "max_length", "batch_size", "grad_cache_chunk",
                 "max_steps", "epochs", "lr", "weight_decay", "warmup_steps", "max_grad_norm", "temperature",
-                "learnable_temperature", "hard_negative_weight", "mix_lambda", "symmetric", "do_mlm", "mlm_weight",
+                "learnable_temperature", "hard_negative_weight", "mix_lambda", "symmetric", "augment", "no_dropout", "do_mlm", "mlm_weight",
                 "mlm_probability", "precision", "seed", "backend")
 
 
@@ -55,6 +66,11 @@ class TrainConfig:
     model: str
     train_file: str
     output_dir: str
+    encoder: str = "transformer"
+    cnn_widths: str = "3,4,5"
+    cnn_maps: int = 100
+    cnn_dim: int | None = None
+    cnn_dropout: float = 0.1
     pooler: str | None = None
     mlp_only_train: bool = False
     max_length: int = 32
@@ -71,6 +87,8 @@ class TrainConfig:
     hard_negative_weight: float = 0.0
     mix_lambda: float | None = None
     symmetric: bool = False
+    augment: str | None = None
+    no_dropout: bool = False
     do_mlm: bool = False
     mlm_weight: float = 0.1
     mlm_probability: float = 0.15
@@ -116,6 +134,20 @@ class TrainConfig:
 
         for name in ("model", "train_file", "output_dir"):
             need(isinstance(getattr(self, name), str) and bool(getattr(self, name).strip()), name, "a non-empty string")
+        need(self.encoder in ENCODERS, "encoder", f"one of {', '.join(ENCODERS)}")
+        try:
+            parse_widths(self.cnn_widths)
+        except ValueError as exc:
+            raise UsageError(f"--cnn_widths: {exc}") from None
+        integer("cnn_maps", 1)
+        integer("cnn_dim", 1, optional=True)
+        need(finite("cnn_dropout") and 0 <= self.cnn_dropout < 1, "cnn_dropout", "a number in [0, 1)")
+        if self.encoder == "textcnn":
+            for name, value in (("pooler", self.pooler), ("mlp_only_train", self.mlp_only_train),
+                                ("do_mlm", self.do_mlm)):
+                if value:
+                    raise UsageError(f"--{name} applies to --encoder transformer only (a TextCNN max-pools "
+                                     "over time and has no MLM head)")
         if self.pooler is not None and self.pooler not in POOLERS:
             raise UsageError(f"--pooler must be one of {', '.join(POOLERS)}, got {self.pooler!r}")
         for name in ("max_length", "batch_size", "log_every", "keep_checkpoints", "eval_max_length"):
@@ -134,6 +166,11 @@ class TrainConfig:
         need(finite("hard_negative_weight"), "hard_negative_weight", "a finite number")
         need(self.mix_lambda is None or (finite("mix_lambda") and 0 <= self.mix_lambda <= 1), "mix_lambda",
              "a number in [0, 1] (or none)")
+        if self.augment is not None:
+            parse_augment(self.augment)
+            if str(self.train_file).endswith(".csv"):
+                raise UsageError(f"--augment makes unsup positives: it needs a text file (one sentence a line), "
+                                 f"not the CSV {self.train_file}")
         need(finite("mlm_weight") and self.mlm_weight >= 0, "mlm_weight", "a number >= 0")
         need(finite("mlm_probability") and 0 < self.mlm_probability < 1, "mlm_probability", "a number in (0, 1)")
         need(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}")
@@ -205,7 +242,7 @@ class Trainer:
         self.examples = examples if examples is not None else read_examples(cfg.train_file)
         check_enough_examples(self.examples, cfg.batch_size, cfg.train_file)
         path = check_model(cfg.model)
-        if cfg.pooler is None:
+        if cfg.pooler is None and cfg.encoder == "transformer":
             cfg.pooler, source, notes = resolve_pooler(cfg.model, None, default="cls")
             if self.rank == 0:
                 print("\n".join([*notes, f"pooler: {cfg.pooler} ({source})"]), flush=True)
@@ -216,8 +253,17 @@ class Trainer:
         loss_fn = FusedInfoNCE(temperature=cfg.temperature, hard_negative_weight=cfg.hard_negative_weight,
                                symmetric=cfg.symmetric, mix_lambda=cfg.mix_lambda, backend=cfg.backend,
                                learnable_temperature=cfg.learnable_temperature)
-        self.model = SimCSEModel.from_pretrained(path, pooler=cfg.pooler, mlp_only_train=cfg.mlp_only_train,
-                                                 do_mlm=cfg.do_mlm, loss_fn=loss_fn).to(self.device)
+        if cfg.encoder == "textcnn":
+            self.model = TextCNNModel.from_pretrained(path, parse_widths(cfg.cnn_widths), cfg.cnn_maps, cfg.cnn_dim,
+                                                      cfg.cnn_dropout, loss_fn=loss_fn).to(self.device)
+        else:
+            self.model = SimCSEModel.from_pretrained(path, pooler=cfg.pooler, mlp_only_train=cfg.mlp_only_train,
+                                                     do_mlm=cfg.do_mlm, loss_fn=loss_fn).to(self.device)
+        if cfg.no_dropout:  # SimCSE's "w/o dropout": every dropout module of the encoder is off
+            for m in self.model.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0
+        self.augment = parse_augment(cfg.augment) if cfg.augment is not None else None
         torch.manual_seed(cfg.seed + self.rank)  # distinct dropout per rank
         self.order = BatchOrder(len(self.examples), cfg.batch_size, cfg.seed)
         self.collate = Collator(self.tokenizer, cfg.max_length, cfg.mlm_probability if cfg.do_mlm else None)
@@ -313,7 +359,12 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         idx = self.order.indices(self.step, self.rank, self.world)
-        batch = self.collate([self.examples[i] for i in idx], seed=(cfg.seed * 1_000_003 + self.step) * 64 + self.rank)
+        seed = (cfg.seed * 1_000_003 + self.step) * 64 + self.rank  # a function of (seed, step, rank): exact resume
+        examples = [self.examples[i] for i in idx]
+        if self.augment is not None:  # the anchor stays the sentence; the positive is augmented
+            rng = random.Random(seed)
+            examples = [(ex[0], augment_sentence(ex[1], *self.augment, rng)) for ex in examples]
+        batch = self.collate(examples, seed=seed)
         batch = _to_device(batch, self.device)
         self.model.train()
         loss, mlm = self.forward_backward(batch)

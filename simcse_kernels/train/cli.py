@@ -53,6 +53,25 @@ HELP = {
     "augment": "discrete positive for unsup SimCSE (SimCSE Table 1): crop:R (a random contiguous span of "
                "(1-R) of the words), word_deletion:R (each word deleted with probability R) or delete_one_word; "
                "the anchor is the sentence itself; seeded by --seed and the step",
+    "objective": "simcse (unsup / sup SimCSE / MixCSE, as the data and flags say), distill_mse (the student "
+                 "embedding regresses onto --teacher's: sentence-transformers' MSELoss), distill_contrastive "
+                 "(InfoNCE of each student embedding against teacher embeddings, target: the same sentence's), "
+                 "amsoftmax (every training sentence is a class; --views dropout views of each sentence are "
+                 "classified against a trained class-weight matrix with --margin / --angular_margin, scale = "
+                 "1/--temperature)",
+    "teacher": f"distill: the teacher, {MODEL_FORMS}; pooled as simcse-eval pools it; its embeddings of the "
+               "training file are computed once (progress bar) and cached (see --cache_dir)",
+    "teacher_bank": "distill_contrastive: the candidates are the teacher embeddings of the whole training file "
+                    "(default: the batch's)",
+    "cache_dir": "where the teacher embeddings are cached, keyed by the teacher's files and the training file's "
+                 "bytes (default: $SIMCSE_KERNELS_CACHE, else ~/.cache/simcse_kernels)",
+    "views": "amsoftmax: dropout views K of each sentence per step (default 4)",
+    "margin": "additive cosine margin m on the target logit, cos - m (amsoftmax default 0.35; also for simcse "
+              "and distill_contrastive, default 0; undefined for distill_mse)",
+    "angular_margin": "additive angular margin (ArcFace, radians) on the target logit, cos(theta + a)",
+    "class_init": "amsoftmax: class weights start as the encoder's initial embeddings of the sentences "
+                  "(encoder, computed once with a progress bar) or N(0, 1) rows (random); they are trained, "
+                  "checkpointed and resumed, not exported",
     "no_dropout": "switch every dropout of the encoder off (SimCSE's w/o-dropout rows)",
     "symmetric": "also the positives -> anchors direction, averaged",
     "do_mlm": "SimCSE's auxiliary masked-LM loss",
@@ -169,6 +188,10 @@ def check_train_inputs(cfg: TrainConfig) -> list[tuple[str, ...]]:
         load_eval_data(cfg.data_dir, tasks=(), align_uniform=True)  # STS-B dev, read now to fail early
     elif cfg.eval_before:
         raise UsageError("--eval_before needs --data_dir (the STS-B dev set)")
+    if cfg.teacher is not None:
+        from .teacher import check_teacher
+
+        check_teacher(cfg.teacher)
     examples = read_examples(cfg.train_file)
     check_enough_examples(examples, cfg.batch_size, cfg.train_file)
     if cfg.hard_negative_weight != 0.0 and len(examples[0]) < 3 and cfg.mix_lambda is None:

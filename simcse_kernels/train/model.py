@@ -333,15 +333,18 @@ class SimCSEModel(nn.Module):
         return self.encoder.config.hidden_size
 
     def embed_sentences(self, tokenizer, sentences: list[str], batch_size: int = 128, max_length: int = 128,
-                        device: torch.device | str | None = None) -> torch.Tensor:
+                        device: torch.device | str | None = None, progress: str | None = None) -> torch.Tensor:
         """Evaluation embeddings of ``sentences`` (see :func:`embed_sentences`)."""
-        return embed_sentences(self, tokenizer, sentences, batch_size, max_length, device)
+        return embed_sentences(self, tokenizer, sentences, batch_size, max_length, device, progress)
 
 
 @torch.no_grad()
 def embed_sentences(model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 128, max_length: int = 128,
-                    device: torch.device | str | None = None) -> torch.Tensor:
+                    device: torch.device | str | None = None, progress: str | None = None) -> torch.Tensor:
     """Evaluation embeddings of ``sentences`` by ``model`` (eval mode, length-sorted batches).
+
+    Args:
+        progress: if given, a tqdm bar over the batches with this description.
 
     Returns:
         (len(sentences), model.embedding_dim) float32 CPU tensor, in input order.
@@ -351,7 +354,12 @@ def embed_sentences(model: nn.Module, tokenizer, sentences: list[str], batch_siz
     device = device or next(model.parameters()).device
     order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
     out = torch.empty(len(sentences), model.embedding_dim)
-    for start in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=progress, leave=False, dynamic_ncols=True)
+    for start in starts:
         idx = order[start : start + batch_size]
         enc = tokenizer([sentences[i] for i in idx], padding=True, truncation=True,
                         max_length=max_length, return_tensors="pt")

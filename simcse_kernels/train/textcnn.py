@@ -141,11 +141,11 @@ class TextCNNModel(nn.Module):
         return self.encoder(input_ids, attention_mask)
 
     def embed_sentences(self, tokenizer, sentences: list[str], batch_size: int = 128, max_length: int = 128,
-                        device: torch.device | str | None = None) -> torch.Tensor:
+                        device: torch.device | str | None = None, progress: str | None = None) -> torch.Tensor:
         """Evaluation embeddings, as :meth:`~.model.SimCSEModel.embed_sentences`."""
         from .model import embed_sentences
 
-        return embed_sentences(self, tokenizer, sentences, batch_size, max_length, device)
+        return embed_sentences(self, tokenizer, sentences, batch_size, max_length, device, progress)
 
 
 def is_textcnn_folder(path: str | Path) -> bool:

@@ -162,6 +162,8 @@ TRAIN_CASES = {
     # encoders, augmentations and objectives (issue 23)
     "unknown_encoder": (_train_args(encoder="lstm"), "--encoder must be one of transformer, textcnn, got 'lstm'"),
     "bad_cnn_widths": (_train_args(encoder="textcnn", cnn_widths="3,,5"), "--cnn_widths: expected comma-separated"),
+    "even_cnn_width": (_train_args(encoder="textcnn", cnn_widths="3,4,5"), "--cnn_widths: expected comma-separated "
+                                                                          "distinct odd integers"),
     "cnn_maps_0": (_train_args(encoder="textcnn", cnn_maps="0"), "--cnn_maps must be an integer >= 1"),
     "textcnn_with_mlm": (_train_args(encoder="textcnn", do_mlm=None), "--do_mlm applies to --encoder transformer only"),
     "textcnn_with_pooler": (_train_args(encoder="textcnn", pooler="avg"),

@@ -160,7 +160,7 @@ def _trainer_config(root, name, kw):
 
     kw = {k: (str(root / "tiny") if v == "TINY" else v) for k, v in kw.items()}
     return TrainConfig(model=str(root / "tiny"), train_file=str(root / "corpus.txt"), output_dir=str(root / name),
-                       encoder="textcnn", cnn_widths="2,3", cnn_maps=8, batch_size=8, max_steps=3, lr=1e-2,
+                       encoder="textcnn", cnn_widths="1,3", cnn_maps=8, batch_size=8, max_steps=3, lr=1e-2,
                        log_every=1, eval_every=None, progress=False, no_dropout=True, cache_dir=str(root / "cache"),
                        device="cpu", **kw)
 

@@ -75,7 +75,7 @@ def test_distill_mse_is_sentence_transformers_mse(tiny, tmp_path, encoder):
 @pytest.mark.parametrize("bank", [False, True], ids=["batch", "bank"])
 def test_distill_contrastive_candidates(tiny, tmp_path, bank):
     model_dir = tiny[0]
-    trainer = _trainer(tiny, tmp_path, encoder="textcnn", cnn_widths="2,3", cnn_maps=8,
+    trainer = _trainer(tiny, tmp_path, encoder="textcnn", cnn_widths="1,3", cnn_maps=8,
                        objective="distill_contrastive", teacher=str(model_dir), teacher_bank=bank, temperature=0.1)
     assert trainer.model.embedding_dim == trainer.teacher.shape[1]  # --cnn_dim defaults to the teacher's width
     idx = trainer.order.indices(0)
@@ -96,7 +96,7 @@ def test_distill_contrastive_candidates(tiny, tmp_path, bank):
                          ids=["default_margin", "margin_and_arc"])
 def test_amsoftmax_views_against_class_weights(tiny, tmp_path, margin, angular, init):
     kw = {k: v for k, v in (("margin", margin), ("angular_margin", angular)) if v is not None}
-    trainer = _trainer(tiny, tmp_path, encoder="textcnn", cnn_widths="2,3", cnn_maps=8, objective="amsoftmax",
+    trainer = _trainer(tiny, tmp_path, encoder="textcnn", cnn_widths="1,3", cnn_maps=8, objective="amsoftmax",
                        views=3, temperature=0.05, class_init=init, **kw)
     w = trainer.model.class_weights
     assert w.shape == (len(TINY_TRAIN_SENTS), trainer.model.embedding_dim)
@@ -132,8 +132,10 @@ def test_class_init_random_is_seeded_and_weights_are_not_exported(tiny, tmp_path
     b.fit()
     b.release_lock()
     final = tmp_path / "b" / "out" / "final"
-    weights = torch.load(final / "textcnn.pt", weights_only=True)
-    assert weights and not any("class_weights" in k for k in weights)  # trained, checkpointed, not exported
+    from safetensors.torch import load_file
+
+    keys = [k for f in final.rglob("*.safetensors") for k in load_file(f)]  # the export's sentence-transformers modules
+    assert keys and not any("class" in k for k in keys) and not list(final.rglob("*.pt"))  # not exported
 
 
 def test_teacher_table_is_cached(tiny, tmp_path, monkeypatch):
@@ -233,7 +235,7 @@ def test_distill_and_amsoftmax_train_and_resume_from_cli(tiny, tmp_path):
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     state = torch.load(ckpt.latest_checkpoint(out) / "state.pt", weights_only=False)
     assert state["model"]["class_weights"].shape[0] == len(TINY_TRAIN_SENTS)
-    assert (out / "final" / "textcnn.pt").is_file()
+    assert (out / "final" / "textcnn_config.json").is_file() and (out / "final" / "modules.json").is_file()
 
 
 def test_objective_flags_are_checked(tmp_path):

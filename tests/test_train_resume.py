@@ -25,7 +25,7 @@ def _losses(out_dir):
 
 
 @pytest.mark.parametrize("extra", [{}, {"grad_cache_chunk": 3, "do_mlm": True, "learnable_temperature": True},
-                                   {"encoder": "textcnn", "cnn_widths": "2,3", "cnn_maps": 8, "grad_cache_chunk": 3},
+                                   {"encoder": "textcnn", "cnn_widths": "1,3", "cnn_maps": 8, "grad_cache_chunk": 3},
                                    {"augment": "word_deletion:0.2"}, {"encoder": "textcnn", "augment": "crop:0.2"},
                                    {"encoder": "textcnn", "objective": "distill_mse", "teacher": "TINY", "cnn_dim": 8},
                                    {"objective": "distill_contrastive", "teacher": "TINY", "teacher_bank": True,

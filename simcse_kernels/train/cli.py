@@ -29,7 +29,8 @@ HELP = {
     "output_dir": "metrics.jsonl, checkpoints/, best/ and final/ go here (an existing run here is resumed)",
     "encoder": "transformer: --model's Hugging Face encoder + --pooler; textcnn: a Kim-2014 TextCNN over --model's "
                "tokenizer and initial token-embedding table (or a TextCNN export, then the --cnn_* flags are unused)",
-    "cnn_widths": "textcnn: comma-separated convolution widths (Kim 2014: 3,4,5)",
+    "cnn_widths": "textcnn: comma-separated odd convolution widths (odd: each keeps the sentence length, as "
+                  "sentence-transformers' CNN module; Kim 2014 used 3,4,5)",
     "cnn_maps": "textcnn: feature maps per width",
     "cnn_dim": "textcnn: output dimension of the projection after the pooled features (default: the "
                "token-embedding width, e.g. 384 for MiniLM)",

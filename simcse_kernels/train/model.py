@@ -340,11 +340,14 @@ class SimCSEModel(nn.Module):
 
 @torch.no_grad()
 def embed_sentences(model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 128, max_length: int = 128,
-                    device: torch.device | str | None = None, progress: str | None = None) -> torch.Tensor:
+                    device: torch.device | str | None = None, progress: str | None = None,
+                    token_batch=None) -> torch.Tensor:
     """Evaluation embeddings of ``sentences`` by ``model`` (eval mode, length-sorted batches).
 
     Args:
         progress: if given, a tqdm bar over the batches with this description.
+        token_batch: ``(tokenizer, sentences, max_length) -> dict`` of model inputs; default: the tokenizer with
+            padding and truncation.
 
     Returns:
         (len(sentences), model.embedding_dim) float32 CPU tensor, in input order.
@@ -361,8 +364,11 @@ def embed_sentences(model: nn.Module, tokenizer, sentences: list[str], batch_siz
         starts = tqdm(starts, desc=progress, leave=False, dynamic_ncols=True)
     for start in starts:
         idx = order[start : start + batch_size]
-        enc = tokenizer([sentences[i] for i in idx], padding=True, truncation=True,
-                        max_length=max_length, return_tensors="pt")
+        batch = [sentences[i] for i in idx]
+        if token_batch is None:
+            enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        else:
+            enc = token_batch(tokenizer, batch, max_length)
         enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         out[idx] = model(**enc).float().cpu()
     model.train(was_training)

@@ -159,6 +159,43 @@ TRAIN_CASES = {
     "hard_negatives_without_column": (_train_args(hard_negative_weight="1.0"),
                                       "--hard_negative_weight needs hard negatives: ok.txt has no hard_neg column"),
     "output_dir_is_a_file": (_train_args(output_dir="a_file"), "--output_dir a_file: exists and is not a folder"),
+    # encoders, augmentations and objectives (issue 23)
+    "unknown_encoder": (_train_args(encoder="lstm"), "--encoder must be one of transformer, textcnn, got 'lstm'"),
+    "bad_cnn_widths": (_train_args(encoder="textcnn", cnn_widths="3,,5"), "--cnn_widths: expected comma-separated"),
+    "even_cnn_width": (_train_args(encoder="textcnn", cnn_widths="3,4,5"), "--cnn_widths: expected comma-separated "
+                                                                          "distinct odd integers"),
+    "cnn_maps_0": (_train_args(encoder="textcnn", cnn_maps="0"), "--cnn_maps must be an integer >= 1"),
+    "textcnn_with_mlm": (_train_args(encoder="textcnn", do_mlm=None), "--do_mlm applies to --encoder transformer only"),
+    "textcnn_with_pooler": (_train_args(encoder="textcnn", pooler="avg"),
+                            "--pooler applies to --encoder transformer only"),
+    "bad_augment_spec": (_train_args(augment="crop:1.5"), "--augment must be crop:R, word_deletion:R (0 < R < 1) "
+                                                          "or delete_one_word, got 'crop:1.5'"),
+    "unknown_augment": (_train_args(augment="shuffle"), "--augment must be crop:R"),
+    "augment_on_sup_csv": (_train_args(augment="delete_one_word", train_file="short_row.csv"),
+                           "--augment makes unsup positives: it needs a text file"),
+    "unknown_objective": (_train_args(objective="triplet"),
+                          "--objective must be one of simcse, distill_mse, distill_contrastive, amsoftmax"),
+    "distill_without_teacher": (_train_args(objective="distill_contrastive"),
+                                "--objective distill_contrastive needs --teacher MODEL"),
+    "teacher_with_simcse": (_train_args(teacher="model"), "--teacher applies to --objective distill_mse or "
+                                                          "distill_contrastive only"),
+    "teacher_bank_with_mse": (_train_args(objective="distill_mse", teacher="model", teacher_bank=None),
+                              "--teacher_bank applies to --objective distill_contrastive only"),
+    "missing_teacher": (_train_args(objective="distill_mse", teacher="./no_teacher"),
+                        "--teacher ./no_teacher: neither a folder, nor a pkg: model"),
+    "teacher_is_a_file": (_train_args(objective="distill_mse", teacher="a_file"),
+                          "--teacher a_file: a file, not a model folder"),
+    "views_1": (_train_args(objective="amsoftmax", views="1"), "--views must be an integer >= 2"),
+    "views_without_amsoftmax": (_train_args(views="4"), "--views applies to --objective amsoftmax only"),
+    "margin_with_distill_mse": (_train_args(objective="distill_mse", teacher="model", margin="0.2"),
+                                "--margin applies to --objective simcse, distill_contrastive or amsoftmax only"),
+    "negative_margin": (_train_args(objective="amsoftmax", margin="-0.2"), "--margin must be a finite number >= 0"),
+    "angular_margin_too_big": (_train_args(objective="amsoftmax", angular_margin="3.5"),
+                               "--angular_margin must be a number of radians in [0, pi)"),
+    "unknown_class_init": (_train_args(objective="amsoftmax", class_init="zeros"),
+                           "--class_init must be one of encoder, random"),
+    "augment_with_amsoftmax": (_train_args(objective="amsoftmax", augment="crop:0.1"),
+                               "--augment applies to --objective simcse only"),
 }
 
 

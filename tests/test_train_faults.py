@@ -210,8 +210,8 @@ def test_skip_recovers_when_the_fault_passes(inputs, tmp_path, monkeypatch):
     real = trainer.forward_backward
     calls = []
 
-    def once_nan(batch):  # step 2's loss is NaN (an injected fault); the other steps are normal
-        loss, mlm = real(batch)
+    def once_nan(batch, idx=None):  # step 2's loss is NaN (an injected fault); the other steps are normal
+        loss, mlm = real(batch, idx)
         calls.append(1)
         return (loss * float("nan") if len(calls) == 2 else loss), mlm
 

@@ -1,4 +1,6 @@
-"""A killed run, resumed from its last checkpoint, logs the same losses as an uninterrupted run."""
+"""A killed run, resumed from its last checkpoint, logs the same losses as an uninterrupted run (every encoder,
+augmentation and objective: the objective's parameters, a distill projection or amsoftmax class weights, are in
+the checkpoint)."""
 
 from __future__ import annotations
 
@@ -22,12 +24,24 @@ def _losses(out_dir):
     return {r["step"]: r["loss"] for r in recs if "loss" in r}
 
 
-@pytest.mark.parametrize("extra", [{}, {"grad_cache_chunk": 3, "do_mlm": True, "learnable_temperature": True}],
-                         ids=["plain", "grad_cache_mlm_learnable_tau"])
+@pytest.mark.parametrize("extra", [{}, {"grad_cache_chunk": 3, "do_mlm": True, "learnable_temperature": True},
+                                   {"encoder": "textcnn", "cnn_widths": "1,3", "cnn_maps": 8, "grad_cache_chunk": 3},
+                                   {"augment": "word_deletion:0.2"}, {"encoder": "textcnn", "augment": "crop:0.2"},
+                                   {"encoder": "textcnn", "objective": "distill_mse", "teacher": "TINY", "cnn_dim": 8},
+                                   {"objective": "distill_contrastive", "teacher": "TINY", "teacher_bank": True,
+                                    "grad_cache_chunk": 3},
+                                   {"encoder": "textcnn", "objective": "amsoftmax", "views": 3, "grad_cache_chunk": 3,
+                                    "learnable_temperature": True, "angular_margin": 0.1}],
+                         ids=["plain", "grad_cache_mlm_learnable_tau", "textcnn_grad_cache", "word_deletion",
+                              "textcnn_crop", "textcnn_distill_mse_projection", "distill_bank_grad_cache",
+                              "textcnn_amsoftmax_grad_cache"])
 def test_resume_matches_uninterrupted(tmp_path, extra):
     model_dir = build_tiny_bert(tmp_path / "tiny", SENTS, hidden=32, layers=2)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(SENTS) + "\n")
+    extra = {k: (str(model_dir) if v == "TINY" else v) for k, v in extra.items()}  # the teacher: the tiny BERT
+    if "teacher" in extra:
+        extra["cache_dir"] = str(tmp_path / "cache")
     base = dict(model=str(model_dir), train_file=str(corpus), batch_size=8, max_steps=7, lr=1e-3, warmup_steps=2,
                 log_every=1, save_every=3, eval_every=None, progress=False, max_length=16, **extra)
     train(TrainConfig(output_dir=str(tmp_path / "full"), **base))

@@ -7,7 +7,8 @@ and the Python / NumPy / torch CPU / CUDA RNG states.
 Export (``export_model``): ``save_pretrained`` of the bare encoder and the tokenizer (loadable by
 ``AutoModel`` / ``AutoTokenizer``), ``simcse_config.json`` (pooler), and the sentence-transformers files
 (``modules.json``, ``sentence_bert_config.json``, ``1_Pooling/config.json``; plus a ``2_Dense`` Tanh layer
-when the MLP head is used at evaluation) so ``SentenceTransformer(path)`` gives the same embeddings.
+when the MLP head is used at evaluation) so ``SentenceTransformer(path)`` gives the same embeddings. A TextCNN
+(``--encoder textcnn``) exports its config, weights and tokenizer instead (see :mod:`.textcnn`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .model import (
     resolve_model_path,
     resolve_pooler,
 )
+from .textcnn import TextCNNModel, is_textcnn_folder, load_textcnn, save_textcnn
 
 CHECKSUM_FILE = "state.pt.sha256"
 CKPT_TMP_PREFIX = ".tmp-step-"
@@ -229,6 +231,10 @@ def write_export(model: SimCSEModel, tokenizer, out_dir: str | Path, max_seq_len
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, TextCNNModel):
+        save_textcnn(model.encoder, tokenizer, out, max_seq_length)
+        (out / "simcse_config.json").write_text(json.dumps({"encoder": "textcnn"}, indent=2))
+        return out
     encoder = model.encoder
     eval_mlp = model.mlp is not None and not model.mlp_only_train
     with quiet_transformers_progress():  # no "Writing model shards" bar inside the training bar
@@ -276,8 +282,9 @@ def _write_st_dense(mlp, path: Path) -> None:
     dense.save(str(path))
 
 
-def load_exported(path: str | Path, pooler: str | None = None, **hf_kwargs) -> SimCSEModel:
-    """A :class:`SimCSEModel` in eval mode from an exported folder (or any HF model).
+def load_exported(path: str | Path, pooler: str | None = None, **hf_kwargs) -> SimCSEModel | TextCNNModel:
+    """A :class:`SimCSEModel` (or a :class:`~.textcnn.TextCNNModel` for a TextCNN export) in eval mode from an
+    exported folder (or any HF model).
 
     Args:
         path: folder written by :func:`export_model`, ``pkg:MODULE``, or any ``AutoModel`` name/path.
@@ -287,6 +294,8 @@ def load_exported(path: str | Path, pooler: str | None = None, **hf_kwargs) -> S
     folder = Path(resolve_model_path(str(path)))
     if folder.is_dir() and incomplete_export(folder) is not None:
         raise UsageError(incomplete_export(folder))
+    if is_textcnn_folder(folder):
+        return TextCNNModel(load_textcnn(folder)).eval()
     pooler, _, _ = resolve_pooler(str(path), pooler, default="cls_before_pooler")
     cfg_file = folder / "simcse_config.json"
     cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}

@@ -27,6 +27,14 @@ HELP = {
     "model": MODEL_FORMS,
     "train_file": "unsup: text file, one sentence a line; sup: CSV with header sent0,sent1[,hard_neg]",
     "output_dir": "metrics.jsonl, checkpoints/, best/ and final/ go here (an existing run here is resumed)",
+    "encoder": "transformer: --model's Hugging Face encoder + --pooler; textcnn: a Kim-2014 TextCNN over --model's "
+               "tokenizer and initial token-embedding table (or a TextCNN export, then the --cnn_* flags are unused)",
+    "cnn_widths": "textcnn: comma-separated odd convolution widths (odd: each keeps the sentence length, as "
+                  "sentence-transformers' CNN module; Kim 2014 used 3,4,5)",
+    "cnn_maps": "textcnn: feature maps per width",
+    "cnn_dim": "textcnn: output dimension of the projection after the pooled features (default: the "
+               "token-embedding width, e.g. 384 for MiniLM)",
+    "cnn_dropout": "textcnn: dropout on the token embeddings and on the pooled features (SimCSE's views)",
     "pooler": f"one of {', '.join(POOLERS)}; default: the model's simcse_config.json, else its "
               "sentence-transformers pooling (mean -> avg, cls -> cls_before_pooler), else cls (SimCSE's default)",
     "mlp_only_train": "use the MLP head (pooler cls) only in training, as SimCSE's unsup recipe",
@@ -43,6 +51,29 @@ HELP = {
     "learnable_temperature": "learn log(temperature)",
     "hard_negative_weight": "log-weight added to each anchor's own hard negative (sup SimCSE)",
     "mix_lambda": "MixCSE mixing coefficient lambda (none = off)",
+    "augment": "discrete positive for unsup SimCSE (SimCSE Table 1): crop:R (a random contiguous span of "
+               "(1-R) of the words), word_deletion:R (each word deleted with probability R) or delete_one_word; "
+               "the anchor is the sentence itself; seeded by --seed and the step",
+    "objective": "simcse (unsup / sup SimCSE / MixCSE, as the data and flags say), distill_mse (the student "
+                 "embedding regresses onto --teacher's: sentence-transformers' MSELoss), distill_contrastive "
+                 "(InfoNCE of each student embedding against teacher embeddings, target: the same sentence's), "
+                 "amsoftmax (every training sentence is a class; --views dropout views of each sentence are "
+                 "classified against a trained class-weight matrix with --margin / --angular_margin, scale = "
+                 "1/--temperature)",
+    "teacher": f"distill: the teacher, {MODEL_FORMS}; pooled as simcse-eval pools it; its embeddings of the "
+               "training file are computed once (progress bar) and cached (see --cache_dir)",
+    "teacher_bank": "distill_contrastive: the candidates are the teacher embeddings of the whole training file "
+                    "(default: the batch's)",
+    "cache_dir": "where the teacher embeddings are cached, keyed by the teacher's files and the training file's "
+                 "bytes (default: $SIMCSE_KERNELS_CACHE, else ~/.cache/simcse_kernels)",
+    "views": "amsoftmax: dropout views K of each sentence per step (default 4)",
+    "margin": "additive cosine margin m on the target logit, cos - m (amsoftmax default 0.35; also for simcse "
+              "and distill_contrastive, default 0; undefined for distill_mse)",
+    "angular_margin": "additive angular margin (ArcFace, radians) on the target logit, cos(theta + a)",
+    "class_init": "amsoftmax: class weights start as the encoder's initial embeddings of the sentences "
+                  "(encoder, computed once with a progress bar) or N(0, 1) rows (random); they are trained, "
+                  "checkpointed and resumed, not exported",
+    "no_dropout": "switch every dropout of the encoder off (SimCSE's w/o-dropout rows)",
     "symmetric": "also the positives -> anchors direction, averaged",
     "do_mlm": "SimCSE's auxiliary masked-LM loss",
     "mlm_weight": "weight of the MLM loss",
@@ -158,6 +189,10 @@ def check_train_inputs(cfg: TrainConfig) -> list[tuple[str, ...]]:
         load_eval_data(cfg.data_dir, tasks=(), align_uniform=True)  # STS-B dev, read now to fail early
     elif cfg.eval_before:
         raise UsageError("--eval_before needs --data_dir (the STS-B dev set)")
+    if cfg.teacher is not None:
+        from .teacher import check_teacher
+
+        check_teacher(cfg.teacher)
     examples = read_examples(cfg.train_file)
     check_enough_examples(examples, cfg.batch_size, cfg.train_file)
     if cfg.hard_negative_weight != 0.0 and len(examples[0]) < 3 and cfg.mix_lambda is None:
@@ -176,8 +211,9 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         examples = check_train_inputs(cfg)
         check_model(cfg.model)
-        cfg.pooler, source, notes = resolve_pooler(cfg.model, cfg.pooler, default="cls")
-        _print_pooler(cfg.pooler, source, notes)
+        if cfg.encoder == "transformer":
+            cfg.pooler, source, notes = resolve_pooler(cfg.model, cfg.pooler, default="cls")
+            _print_pooler(cfg.pooler, source, notes)
         from .trainer import train
 
         summary = train(cfg, examples=examples)

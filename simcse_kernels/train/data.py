@@ -189,3 +189,54 @@ def split_batch(batch: dict, chunk_examples: int) -> list[dict]:
         c["n_views"] = v
         chunks.append(c)
     return chunks
+
+
+AUGMENTATIONS = ("crop", "word_deletion", "delete_one_word")
+
+
+def parse_augment(spec: str) -> tuple[str, float]:
+    """``--augment`` ``crop:R`` | ``word_deletion:R`` (0 < R < 1) | ``delete_one_word`` -> (kind, R).
+
+    Raises:
+        UsageError: anything else (one line naming the flag and the accepted forms).
+    """
+    kind, _, rate = str(spec).partition(":")
+    forms = "crop:R, word_deletion:R (0 < R < 1) or delete_one_word"
+    if kind == "delete_one_word" and not rate:
+        return kind, 0.0
+    if kind in ("crop", "word_deletion") and rate:
+        try:
+            value = float(rate)
+        except ValueError:
+            value = float("nan")
+        if 0 < value < 1:
+            return kind, value
+    raise UsageError(f"--augment must be {forms}, got {spec!r}")
+
+
+def augment_sentence(sentence: str, kind: str, rate: float, rng) -> str:
+    """One augmented view of ``sentence`` (words = whitespace-separated tokens), SimCSE Table 1's definitions.
+
+    * ``crop``: a random contiguous span of ``max(1, round((1 - rate) * n))`` of the ``n`` words;
+    * ``word_deletion``: each word deleted with probability ``rate`` (if every word is deleted, one random
+      word is kept, so the view is never empty);
+    * ``delete_one_word``: one random word deleted (a one-word sentence is kept).
+
+    Args:
+        rng: a :class:`random.Random` (the trainer seeds one per step and rank, so resume is exact).
+    """
+    words = sentence.split()
+    n = len(words)
+    if n <= 1:
+        return sentence
+    if kind == "crop":
+        keep = max(1, round((1 - rate) * n))
+        start = rng.randrange(n - keep + 1)
+        return " ".join(words[start : start + keep])
+    if kind == "word_deletion":
+        kept = [w for w in words if rng.random() >= rate]
+        return " ".join(kept) if kept else words[rng.randrange(n)]
+    if kind == "delete_one_word":
+        drop = rng.randrange(n)
+        return " ".join(words[:drop] + words[drop + 1 :])
+    raise ValueError(f"unknown augmentation {kind!r}; expected one of {AUGMENTATIONS}")

@@ -97,9 +97,9 @@ def incomplete_export(folder: str | Path) -> str | None:
 def check_model(name: str) -> str:
     """Check ``--model`` before anything loads; return what ``from_pretrained`` should get.
 
-    Accepts a folder with a ``config.json``, ``pkg:MODULE`` (see :func:`resolve_model_path`), or a
-    Hugging Face Hub model id that is in the local cache (or, unless ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``
-    is set, whose ``config.json`` can be downloaded now).
+    Accepts a folder with a ``config.json`` (or a TextCNN export's ``textcnn_config.json``), ``pkg:MODULE`` (see
+    :func:`resolve_model_path`), or a Hugging Face Hub model id that is in the local cache (or, unless
+    ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` is set, whose ``config.json`` can be downloaded now).
 
     Raises:
         UsageError: none of these (one line saying so).
@@ -107,6 +107,11 @@ def check_model(name: str) -> str:
     path = resolve_model_path(name)
     folder = Path(path).expanduser()
     if folder.is_dir():
+        if (folder / "textcnn_config.json").is_file():  # a simcse-train --encoder textcnn export
+            problem = incomplete_export(folder)
+            if problem is not None:
+                raise UsageError(f"--model {name}: {problem}")
+            return str(folder)
         if not (folder / "config.json").is_file():
             raise UsageError(f"--model {name}: the folder {folder} has no config.json (not a transformers model)")
         problem = incomplete_export(folder)
@@ -175,6 +180,8 @@ def resolve_pooler(model: str, pooler: str | None, default: str) -> tuple[str, s
             raise UsageError(f"--pooler {pooler}: unknown pooler; expected one of {', '.join(POOLERS)}")
         return pooler, "from --pooler", []
     path = resolve_model_path(model)
+    if (Path(path).expanduser() / "textcnn_config.json").is_file():
+        return "textcnn", "a TextCNN export: max over time inside the encoder", []
     simcse_cfg = _model_file(path, "simcse_config.json")
     if simcse_cfg is not None:
         saved = _read_json(simcse_cfg).get("pooler")
@@ -320,24 +327,49 @@ class SimCSEModel(nn.Module):
         kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs).loss
 
-    @torch.no_grad()
-    def embed_sentences(self, tokenizer, sentences: list[str], batch_size: int = 128, max_length: int = 128,
-                        device: torch.device | str | None = None) -> torch.Tensor:
-        """Evaluation embeddings of ``sentences`` (eval mode, length-sorted batches).
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the sentence embeddings."""
+        return self.encoder.config.hidden_size
 
-        Returns:
-            (len(sentences), H) float32 CPU tensor, in input order.
-        """
-        was_training = self.training
-        self.eval()
-        device = device or next(self.parameters()).device
-        order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
-        out = torch.empty(len(sentences), self.encoder.config.hidden_size)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            enc = tokenizer([sentences[i] for i in idx], padding=True, truncation=True,
-                            max_length=max_length, return_tensors="pt")
-            enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-            out[idx] = self(**enc).float().cpu()
-        self.train(was_training)
-        return out
+    def embed_sentences(self, tokenizer, sentences: list[str], batch_size: int = 128, max_length: int = 128,
+                        device: torch.device | str | None = None, progress: str | None = None) -> torch.Tensor:
+        """Evaluation embeddings of ``sentences`` (see :func:`embed_sentences`)."""
+        return embed_sentences(self, tokenizer, sentences, batch_size, max_length, device, progress)
+
+
+@torch.no_grad()
+def embed_sentences(model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 128, max_length: int = 128,
+                    device: torch.device | str | None = None, progress: str | None = None,
+                    token_batch=None) -> torch.Tensor:
+    """Evaluation embeddings of ``sentences`` by ``model`` (eval mode, length-sorted batches).
+
+    Args:
+        progress: if given, a tqdm bar over the batches with this description.
+        token_batch: ``(tokenizer, sentences, max_length) -> dict`` of model inputs; default: the tokenizer with
+            padding and truncation.
+
+    Returns:
+        (len(sentences), model.embedding_dim) float32 CPU tensor, in input order.
+    """
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    out = torch.empty(len(sentences), model.embedding_dim)
+    starts = range(0, len(order), batch_size)
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=progress, leave=False, dynamic_ncols=True)
+    for start in starts:
+        idx = order[start : start + batch_size]
+        batch = [sentences[i] for i in idx]
+        if token_batch is None:
+            enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        else:
+            enc = token_batch(tokenizer, batch, max_length)
+        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        out[idx] = model(**enc).float().cpu()
+    model.train(was_training)
+    return out

@@ -53,3 +53,33 @@ def contrastive_loss(z: torch.Tensor, loss_fn: FusedInfoNCE) -> torch.Tensor:
         all_neg = torch.roll(all_neg, shifts=-rank * n, dims=0)
     labels = rank * n + torch.arange(n, device=z.device)
     return loss_fn(anchors, all_pos, all_neg, labels=labels)
+
+
+def distill_mse_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``--objective distill_mse``: sentence-transformers' ``MSELoss`` (``EmbedDistillLoss`` with
+    ``distance_metric="mse"``): the mean over all B x D entries of ``(student - teacher)^2``.
+
+    Args:
+        student: (B, D) student embeddings (after the learned projection when the widths differ).
+        teacher: (B, D) the teacher's embeddings of the same sentences (constants).
+    """
+    return torch.nn.functional.mse_loss(student, teacher.to(student.dtype))
+
+
+def candidate_loss(queries: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor,
+                   loss_fn: FusedInfoNCE) -> torch.Tensor:
+    """InfoNCE of each query against a fixed set of candidate rows, target ``candidates[labels[i]]``.
+
+    ``--objective distill_contrastive``: queries = student embeddings, candidates = teacher embeddings
+    (the batch's, or the whole training file's with ``--teacher_bank``). ``--objective amsoftmax``:
+    queries = the B*K dropout views, candidates = the class-weight matrix (one row per training sentence),
+    with the loss module's ``margin`` / ``angular_margin`` (AM-softmax / ArcFace; scale = 1/temperature).
+
+    The candidates are the same on every rank (teacher rows are known everywhere; class weights are a
+    replicated parameter), so across ranks each rank's loss is the mean over its own queries and the
+    averaged parameter gradients are exactly those of the global mean: nothing is gathered.
+
+    Args:
+        queries: (N, D); candidates: (M, D); labels: (N,) int64 rows of ``candidates``.
+    """
+    return loss_fn(queries, candidates.to(queries.dtype), labels=labels)

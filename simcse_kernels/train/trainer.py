@@ -30,21 +30,37 @@ import torch
 
 from ..module import FusedInfoNCE
 from . import checkpoint as ckpt
-from .data import TOKEN_KEYS, BatchOrder, Collator, check_enough_examples, read_examples, split_batch
+from .data import (
+    TOKEN_KEYS,
+    BatchOrder,
+    Collator,
+    augment_sentence,
+    check_enough_examples,
+    parse_augment,
+    read_examples,
+    split_batch,
+)
 from .distributed import average_gradients, init_from_env, is_distributed, mean_over_ranks, rank_and_world
 from .errors import TrainingStopped, UsageError, write_failed
 from .grad_cache import cuda_devices_of, grad_cache_backward
 from .model import SimCSEModel, check_model, resolve_pooler
-from .objective import contrastive_loss
+from .objective import candidate_loss, contrastive_loss, distill_mse_loss
 from .pooling import POOLERS
+from .textcnn import TextCNNModel, parse_widths
 
+ENCODERS = ("transformer", "textcnn")
+OBJECTIVES = ("simcse", "distill_mse", "distill_contrastive", "amsoftmax")
+CLASS_INITS = ("encoder", "random")
+DEFAULT_VIEWS = 4  # --objective amsoftmax without --views
+DEFAULT_MARGIN = 0.35  # --objective amsoftmax without --margin (CosFace's m)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKEND_NAMES = ("auto", "naive", "torch", "triton", "cuda")
 NONFINITE_ACTIONS = ("stop", "skip")
 # Flags whose change on resume changes what is trained (the others, e.g. --log_every, may change freely).
-RESUME_FLAGS = ("model", "train_file", "pooler", "mlp_only_train", "max_length", "batch_size", "grad_cache_chunk",
+RESUME_FLAGS = ("model", "train_file", "encoder", "cnn_widths", "cnn_maps", "cnn_dim", "cnn_dropout", "pooler", "mlp_only_train", "max_length", "batch_size", "grad_cache_chunk",
                 "max_steps", "epochs", "lr", "weight_decay", "warmup_steps", "max_grad_norm", "temperature",
-                "learnable_temperature", "hard_negative_weight", "mix_lambda", "symmetric", "do_mlm", "mlm_weight",
+                "learnable_temperature", "hard_negative_weight", "mix_lambda", "symmetric", "augment", "no_dropout", "objective", "teacher",
+                "teacher_bank", "views", "margin", "angular_margin", "class_init", "do_mlm", "mlm_weight",
                 "mlm_probability", "precision", "seed", "backend")
 
 
@@ -55,6 +71,11 @@ class TrainConfig:
     model: str
     train_file: str
     output_dir: str
+    encoder: str = "transformer"
+    cnn_widths: str = "3,5,7"
+    cnn_maps: int = 100
+    cnn_dim: int | None = None
+    cnn_dropout: float = 0.1
     pooler: str | None = None
     mlp_only_train: bool = False
     max_length: int = 32
@@ -71,6 +92,16 @@ class TrainConfig:
     hard_negative_weight: float = 0.0
     mix_lambda: float | None = None
     symmetric: bool = False
+    augment: str | None = None
+    no_dropout: bool = False
+    objective: str = "simcse"
+    teacher: str | None = None
+    teacher_bank: bool = False
+    cache_dir: str | None = None
+    views: int | None = None
+    margin: float | None = None
+    angular_margin: float | None = None
+    class_init: str = "encoder"
     do_mlm: bool = False
     mlm_weight: float = 0.1
     mlm_probability: float = 0.15
@@ -116,6 +147,20 @@ class TrainConfig:
 
         for name in ("model", "train_file", "output_dir"):
             need(isinstance(getattr(self, name), str) and bool(getattr(self, name).strip()), name, "a non-empty string")
+        need(self.encoder in ENCODERS, "encoder", f"one of {', '.join(ENCODERS)}")
+        try:
+            parse_widths(self.cnn_widths)
+        except ValueError as exc:
+            raise UsageError(f"--cnn_widths: {exc}") from None
+        integer("cnn_maps", 1)
+        integer("cnn_dim", 1, optional=True)
+        need(finite("cnn_dropout") and 0 <= self.cnn_dropout < 1, "cnn_dropout", "a number in [0, 1)")
+        if self.encoder == "textcnn":
+            for name, value in (("pooler", self.pooler), ("mlp_only_train", self.mlp_only_train),
+                                ("do_mlm", self.do_mlm)):
+                if value:
+                    raise UsageError(f"--{name} applies to --encoder transformer only (a TextCNN max-pools "
+                                     "over time and has no MLM head)")
         if self.pooler is not None and self.pooler not in POOLERS:
             raise UsageError(f"--pooler must be one of {', '.join(POOLERS)}, got {self.pooler!r}")
         for name in ("max_length", "batch_size", "log_every", "keep_checkpoints", "eval_max_length"):
@@ -134,10 +179,16 @@ class TrainConfig:
         need(finite("hard_negative_weight"), "hard_negative_weight", "a finite number")
         need(self.mix_lambda is None or (finite("mix_lambda") and 0 <= self.mix_lambda <= 1), "mix_lambda",
              "a number in [0, 1] (or none)")
+        if self.augment is not None:
+            parse_augment(self.augment)
+            if str(self.train_file).endswith(".csv"):
+                raise UsageError(f"--augment makes unsup positives: it needs a text file (one sentence a line), "
+                                 f"not the CSV {self.train_file}")
         need(finite("mlm_weight") and self.mlm_weight >= 0, "mlm_weight", "a number >= 0")
         need(finite("mlm_probability") and 0 < self.mlm_probability < 1, "mlm_probability", "a number in (0, 1)")
         need(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}")
         need(self.backend in BACKEND_NAMES, "backend", f"one of {', '.join(BACKEND_NAMES)}")
+        self._validate_objective(need, finite)
         need(self.on_nonfinite in NONFINITE_ACTIONS, "on_nonfinite", f"one of {', '.join(NONFINITE_ACTIONS)}")
         integer("max_skipped_steps", 1)
         need(finite("dist_timeout") and self.dist_timeout > 0, "dist_timeout", "a positive number of seconds")
@@ -153,6 +204,46 @@ class TrainConfig:
             reason = unavailable_reason(self.backend, self.resolved_device())
             if reason is not None:
                 raise UsageError(f"--backend {self.backend}: unavailable on {self.resolved_device()}: {reason}")
+
+    def _validate_objective(self, need, finite) -> None:
+        """The --objective flags and which objective each of them applies to."""
+        obj = self.objective
+        need(obj in OBJECTIVES, "objective", f"one of {', '.join(OBJECTIVES)}")
+        distill = obj.startswith("distill")
+        if distill and not (isinstance(self.teacher, str) and self.teacher.strip()):
+            raise UsageError(f"--objective {obj} needs --teacher MODEL (the model to distill from)")
+        only = {"teacher": (self.teacher is not None, distill, "distill_mse or distill_contrastive"),
+                "teacher_bank": (self.teacher_bank, obj == "distill_contrastive", "distill_contrastive"),
+                "views": (self.views is not None, obj == "amsoftmax", "amsoftmax"),
+                "class_init": (self.class_init != "encoder", obj == "amsoftmax", "amsoftmax"),
+                "margin": (self.margin is not None, obj != "distill_mse", "simcse, distill_contrastive or amsoftmax"),
+                "angular_margin": (self.angular_margin is not None, obj != "distill_mse",
+                                   "simcse, distill_contrastive or amsoftmax"),
+                "augment": (self.augment is not None, obj == "simcse", "simcse"),
+                "hard_negative_weight": (self.hard_negative_weight != 0.0, obj == "simcse", "simcse"),
+                "mix_lambda": (self.mix_lambda is not None, obj == "simcse", "simcse"),
+                "symmetric": (self.symmetric, obj == "simcse", "simcse")}
+        for name, (given, ok, where) in only.items():
+            if given and not ok:
+                raise UsageError(f"--{name} applies to --objective {where} only (this run: --objective {obj})")
+        if self.views is not None:
+            ok = isinstance(self.views, int) and not isinstance(self.views, bool) and self.views >= 2
+            need(ok, "views", "an integer >= 2 (K dropout views of each sentence)")
+        need(self.class_init in CLASS_INITS, "class_init", f"one of {', '.join(CLASS_INITS)}")
+        for name in ("margin", "angular_margin"):
+            need(getattr(self, name) is None or finite(name), name, "a finite number (or none)")
+        try:
+            self.loss_module()
+        except ValueError as exc:
+            raise UsageError(f"--{exc}") from None  # "margin must be ..." / "angular_margin must be ..."
+
+    def loss_module(self) -> FusedInfoNCE:
+        """The :class:`~simcse_kernels.FusedInfoNCE` of these options."""
+        margin = self.margin if self.margin is not None else (DEFAULT_MARGIN if self.objective == "amsoftmax" else 0.0)
+        return FusedInfoNCE(temperature=self.temperature, hard_negative_weight=self.hard_negative_weight,
+                            symmetric=self.symmetric, mix_lambda=self.mix_lambda, backend=self.backend,
+                            learnable_temperature=self.learnable_temperature, margin=margin,
+                            angular_margin=self.angular_margin or 0.0)
 
     def resolved_device(self) -> torch.device:
         """``device`` with ``auto`` resolved (CUDA if available, else CPU)."""
@@ -205,19 +296,38 @@ class Trainer:
         self.examples = examples if examples is not None else read_examples(cfg.train_file)
         check_enough_examples(self.examples, cfg.batch_size, cfg.train_file)
         path = check_model(cfg.model)
-        if cfg.pooler is None:
+        if cfg.pooler is None and cfg.encoder == "transformer":
             cfg.pooler, source, notes = resolve_pooler(cfg.model, None, default="cls")
             if self.rank == 0:
                 print("\n".join([*notes, f"pooler: {cfg.pooler} ({source})"]), flush=True)
+        # (N, D_teacher) teacher table of the distill objectives; before seeding: loading a teacher draws
+        # random numbers (its untrained heads), computing none does not (cached), the student's init must not care
+        self.teacher = None
+        if cfg.objective.startswith("distill"):
+            from .teacher import teacher_table
+
+            self.teacher = teacher_table(cfg.teacher, [ex[0] for ex in self.examples], cfg.train_file,
+                                         max_length=cfg.eval_max_length, device=self.device,
+                                         cache_dir=cfg.cache_dir, show=cfg.progress and self.rank == 0)
+            self.teacher = self.teacher.to(self.device)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # same MLP init on every rank
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        loss_fn = FusedInfoNCE(temperature=cfg.temperature, hard_negative_weight=cfg.hard_negative_weight,
-                               symmetric=cfg.symmetric, mix_lambda=cfg.mix_lambda, backend=cfg.backend,
-                               learnable_temperature=cfg.learnable_temperature)
-        self.model = SimCSEModel.from_pretrained(path, pooler=cfg.pooler, mlp_only_train=cfg.mlp_only_train,
-                                                 do_mlm=cfg.do_mlm, loss_fn=loss_fn).to(self.device)
+        loss_fn = cfg.loss_module()
+        if cfg.encoder == "textcnn":
+            dim = cfg.cnn_dim or (self.teacher.shape[1] if self.teacher is not None else None)
+            self.model = TextCNNModel.from_pretrained(path, parse_widths(cfg.cnn_widths), cfg.cnn_maps, dim,
+                                                      cfg.cnn_dropout, loss_fn=loss_fn).to(self.device)
+        else:
+            self.model = SimCSEModel.from_pretrained(path, pooler=cfg.pooler, mlp_only_train=cfg.mlp_only_train,
+                                                     do_mlm=cfg.do_mlm, loss_fn=loss_fn).to(self.device)
+        if cfg.no_dropout:  # SimCSE's "w/o dropout": every dropout module of the encoder is off
+            for m in self.model.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0
+        self.augment = parse_augment(cfg.augment) if cfg.augment is not None else None
+        self._add_objective_parameters()
         torch.manual_seed(cfg.seed + self.rank)  # distinct dropout per rank
         self.order = BatchOrder(len(self.examples), cfg.batch_size, cfg.seed)
         self.collate = Collator(self.tokenizer, cfg.max_length, cfg.mlm_probability if cfg.do_mlm else None)
@@ -245,6 +355,30 @@ class Trainer:
         self.metrics_path = self.out / "metrics.jsonl"
         self._dev_pairs = None
         self.last_dev: float | None = None
+
+    def _add_objective_parameters(self) -> None:
+        """Trainable parameters of the objective, registered on the model (so the optimizer, checkpoints,
+        exact resume and gradient averaging include them; exports do not):
+
+        * distill, student width != teacher width: ``distill_projection``, a Linear(student, teacher) applied
+          to the student embedding inside the loss (sentence-transformers' ``projection_dim``);
+        * amsoftmax: ``class_weights`` (N_train, D), one row per training sentence, initialised with the
+          encoder's initial eval-mode embeddings of the sentences (``--class_init encoder``, progress bar)
+          or N(0, 1) rows (``--class_init random``, seeded by --seed).
+        """
+        cfg, model = self.cfg, self.model
+        if self.teacher is not None and self.teacher.shape[1] != model.embedding_dim:
+            model.distill_projection = torch.nn.Linear(model.embedding_dim, self.teacher.shape[1]).to(self.device)
+        if cfg.objective != "amsoftmax":
+            return
+        sentences = [ex[0] for ex in self.examples]
+        if cfg.class_init == "random":
+            g = torch.Generator().manual_seed(cfg.seed)
+            init = torch.randn(len(sentences), model.embedding_dim, generator=g)
+        else:
+            init = model.embed_sentences(self.tokenizer, sentences, max_length=cfg.max_length, device=self.device,
+                                         progress="class weights" if cfg.progress and self.rank == 0 else None)
+        model.class_weights = torch.nn.Parameter(init.to(self.device))
 
     def _lock_output_dir(self) -> None:
         """Hold an advisory lock on ``output_dir/.lock`` for the life of this process (one run per folder)."""
@@ -294,9 +428,61 @@ class Trainer:
             return z.float().sum() * float("nan")
         return contrastive_loss(z, self.model.loss_fn)
 
-    def forward_backward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Loss (and weighted MLM loss) of one local batch; accumulates parameter gradients."""
-        loss_of = self._contrastive_or_nan
+    def _views_of(self, examples: list[tuple[str, ...]], idx: list[int]) -> list[tuple[str, ...]]:
+        """The texts each example is embedded as: simcse: the example (anchor, positive[, hard negative]),
+        the positive augmented with --augment; distill: the sentence once; amsoftmax: the sentence K times."""
+        cfg = self.cfg
+        if cfg.objective.startswith("distill"):
+            return [ex[:1] for ex in examples]
+        if cfg.objective == "amsoftmax":
+            return [(ex[0],) * (cfg.views or DEFAULT_VIEWS) for ex in examples]
+        if self.augment is not None:  # the anchor stays the sentence; the positive is augmented
+            # one generator per (seed, step, example): the same views on any number of ranks, and on resume
+            step_seed = cfg.seed * 1_000_003 + self.step
+            return [(ex[0], augment_sentence(ex[1], *self.augment, random.Random(step_seed * 1_000_003 + i)))
+                    for i, ex in zip(idx, examples)]
+        return examples
+
+    def _objective_loss(self, idx: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """(B, V, H) embeddings of the examples ``idx`` (this rank's) -> () loss of ``--objective``.
+
+        A non-finite ``z`` gives NaN (with NaN gradients), so the non-finite guard of :meth:`train_step`
+        decides (the loss itself rejects non-finite inputs).
+        """
+        cfg, model = self.cfg, self.model
+        rows = torch.tensor(idx, device=self.device)
+
+        def guarded(loss_of):
+            def loss(z):
+                if not bool(torch.isfinite(z).all()):
+                    return z.float().sum() * float("nan")
+                return loss_of(z)
+            return loss
+
+        def student(z):
+            s = z[:, 0]
+            proj = getattr(model, "distill_projection", None)
+            return proj(s) if proj is not None else s
+
+        if cfg.objective == "distill_mse":
+            return guarded(lambda z: distill_mse_loss(student(z), self.teacher[rows]))
+        if cfg.objective == "distill_contrastive":
+            if cfg.teacher_bank:  # every sentence of the file is a candidate; the target is the own row
+                return guarded(lambda z: candidate_loss(student(z), self.teacher, rows, model.loss_fn))
+            everyone = torch.tensor(self.order.indices(self.step, 0, 1), device=self.device)  # the global batch
+            labels = self.rank * len(idx) + torch.arange(len(idx), device=self.device)
+            return guarded(lambda z: candidate_loss(student(z), self.teacher[everyone], labels, model.loss_fn))
+        if cfg.objective == "amsoftmax":
+            def amsoftmax(z):
+                views = z.reshape(-1, z.shape[-1])  # example-major: the K views of sentence i are rows iK..iK+K-1
+                return candidate_loss(views, model.class_weights, rows.repeat_interleave(z.shape[1]), model.loss_fn)
+            return guarded(amsoftmax)
+        return self._contrastive_or_nan
+
+    def forward_backward(self, batch: dict, idx: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Loss (and weighted MLM loss) of one local batch (the examples ``idx``; needed by every objective but
+        simcse); accumulates parameter gradients."""
+        loss_of = self._contrastive_or_nan if idx is None else self._objective_loss(idx)
         aux = self._mlm if self.cfg.do_mlm else None
         n_local = batch["input_ids"].shape[0] // batch["n_views"]
         chunk = self.cfg.grad_cache_chunk
@@ -313,10 +499,11 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         idx = self.order.indices(self.step, self.rank, self.world)
-        batch = self.collate([self.examples[i] for i in idx], seed=(cfg.seed * 1_000_003 + self.step) * 64 + self.rank)
+        seed = (cfg.seed * 1_000_003 + self.step) * 64 + self.rank  # MLM masks: (seed, step, rank), exact resume
+        batch = self.collate(self._views_of([self.examples[i] for i in idx], idx), seed=seed)
         batch = _to_device(batch, self.device)
         self.model.train()
-        loss, mlm = self.forward_backward(batch)
+        loss, mlm = self.forward_backward(batch, idx)
         average_gradients(self.model.parameters())
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)

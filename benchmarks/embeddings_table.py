@@ -62,9 +62,11 @@ ROWS = {
     "minilm_amsoftmax4": ("MiniLM + amsoftmax K=4", "wiki", {**LM, "objective": "amsoftmax", "views": 4}),
 }
 SWEEP = {  # TextCNN defaults and its learning rate: unsup SimCSE, the best STS-B dev, same budget
-    "widths345_maps100_drop0.1_lr1e-3": {"cnn_widths": "3,4,5", "cnn_maps": 100, "cnn_dropout": 0.1, "lr": 1e-3},
-    "widths345_maps100_drop0.1_lr1e-4": {"cnn_widths": "3,4,5", "cnn_maps": 100, "cnn_dropout": 0.1, "lr": 1e-4},
-    "widths345_maps300_drop0.1_lr1e-4": {"cnn_widths": "3,4,5", "cnn_maps": 300, "cnn_dropout": 0.1, "lr": 1e-4},
+    # (sweep_textcnn_defaults.json holds the run of the earlier valid-convolution encoder, widths 3,4,5)
+    "widths357_maps100_drop0.1_lr1e-3": {"cnn_widths": "3,5,7", "cnn_maps": 100, "cnn_dropout": 0.1, "lr": 1e-3},
+    "widths357_maps100_drop0.1_lr1e-4": {"cnn_widths": "3,5,7", "cnn_maps": 100, "cnn_dropout": 0.1, "lr": 1e-4},
+    "widths357_maps300_drop0.1_lr1e-4": {"cnn_widths": "3,5,7", "cnn_maps": 300, "cnn_dropout": 0.1, "lr": 1e-4},
+    "widths135_maps100_drop0.1_lr1e-4": {"cnn_widths": "1,3,5", "cnn_maps": 100, "cnn_dropout": 0.1, "lr": 1e-4},
 }
 
 

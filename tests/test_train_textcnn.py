@@ -68,7 +68,7 @@ def test_table_comes_from_the_model(tiny):
     assert w.shape == table.shape and model.embedding_dim == table.shape[1]  # --cnn_dim default: E
     keep = torch.arange(len(w)) != pad
     assert torch.equal(w[keep], table[keep]) and not w[pad].any()
-    assert [c.kernel_size[0] for c in model.encoder.convs] == [3, 5, 7]
+    assert [c.kernel_size[0] for c in model.encoder.convs] == [1, 3, 5]
     assert parse_widths("1,7") == (1, 7)
     for bad in ("", "3,3", "0,3", "a", "3,4"):
         with pytest.raises(ValueError):

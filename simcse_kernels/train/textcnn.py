@@ -17,11 +17,12 @@ widths) -> ``Pooling("max")`` -> ``Dense`` (identity weights, ReLU) -> ``Dense``
 ``SentenceTransformer(path)`` loads it with no ``trust_remote_code`` and gives the same embeddings.
 Tokenization follows ``WordEmbeddings``: the tokenizer's ids with special tokens, cut to ``max_seq_length``.
 
-Defaults (``--cnn_widths 3,5,7 --cnn_maps 100 --cnn_dropout 0.1``, ``--cnn_dim`` = the embedding width): Kim's
-100 maps and three widths around his 3/4/5 (odd, see above), SimCSE's dropout rate; the short measurement that
-kept 100 maps (unsup SimCSE, 100 steps of 32 on MiniLM's table, STS-B dev: 300 maps 54.1 vs 100 maps 56.8 at
-lr 1e-4; lr 1e-3 fell to 37.2) is ``benchmarks/embeddings_table.py --sweep``. ``--cnn_dim`` defaults to the
-table's width (384 for MiniLM), so a MiniLM teacher needs no projection.
+Defaults (``--cnn_widths 1,3,5 --cnn_maps 100 --cnn_dropout 0.1``, ``--cnn_dim`` = the embedding width), by a
+short sweep (unsup SimCSE, 100 steps of 32 on MiniLM's table, best STS-B dev; ``benchmarks/embeddings_table.py
+--sweep``, ``sweep_textcnn_defaults.json``): widths 1,3,5 66.0 (untrained 67.7) against 3,5,7 55.3 (untrained
+57.1): the width-1 maps keep the word-piece table's unigram semantics; 300 maps 52.5 against 100 maps 55.3, and
+lr 1e-3 fell to 36.9. SimCSE's dropout rate. ``--cnn_dim`` defaults to the table's width (384 for MiniLM), so a
+MiniLM teacher needs no projection.
 """
 
 from __future__ import annotations
@@ -35,17 +36,17 @@ from torch import nn
 from ..module import FusedInfoNCE
 
 CONFIG_FILE = "textcnn_config.json"
-DEFAULT_WIDTHS = (3, 5, 7)
+DEFAULT_WIDTHS = (1, 3, 5)
 
 
 def parse_widths(text: str) -> tuple[int, ...]:
-    """``"3,5,7"`` -> (3, 5, 7); raises ValueError for anything but distinct odd positive integers."""
+    """``"1,3,5"`` -> (1, 3, 5); raises ValueError for anything but distinct odd positive integers."""
     try:
         widths = tuple(int(t) for t in str(text).split(","))
     except ValueError:
         widths = ()
     if not widths or min(widths) < 1 or len(set(widths)) != len(widths) or any(w % 2 == 0 for w in widths):
-        raise ValueError(f"expected comma-separated distinct odd integers >= 1 (e.g. 3,5,7; odd: a width keeps the "
+        raise ValueError(f"expected comma-separated distinct odd integers >= 1 (e.g. 1,3,5; odd: a width keeps the "
                          f"sentence length with (w - 1) / 2 zeros a side), got {text!r}")
     return widths
 

@@ -72,7 +72,7 @@ class TrainConfig:
     train_file: str
     output_dir: str
     encoder: str = "transformer"
-    cnn_widths: str = "3,5,7"
+    cnn_widths: str = "1,3,5"
     cnn_maps: int = 100
     cnn_dim: int | None = None
     cnn_dropout: float = 0.1

@@ -133,9 +133,9 @@ def info_nce_with_options(
         return reference_loss(anchors, positives, negatives, labels, options)
     anchors, positives, negatives = without_huge_rows(anchors, positives, negatives, options)
     if backend in ("triton", "cuda") and options.needs_own_docs:
-        # TODO(issue 22): a joint doc_to_query, doc_to_doc and hardness in the Triton / CUDA kernels
+        # TODO(issue 22): a joint doc_to_query, doc_to_doc, hardness and the guide in the Triton / CUDA kernels
         if options.backend != "auto":
-            raise NotImplementedError(f"a joint 'doc_to_query', 'doc_to_doc' and hardness_mode are not yet "
+            raise NotImplementedError(f"a joint 'doc_to_query', 'doc_to_doc', hardness_mode and guide are not yet "
                                       f"implemented in backend {backend!r}; use backend='torch' or 'naive'")
         backend = "torch"  # auto: the chunked torch backend implements them
     if backend in ("triton", "cuda"):  # first use of this option set: compare with "torch" (selfcheck.py)

@@ -368,16 +368,7 @@ class FusedCachedMultipleNegativesRankingLoss(FusedMultipleNegativesRankingLoss)
         if not grad_enabled:
             return self.calculate_loss(reps, labels)
         loss = self.calculate_loss(reps, labels, with_backward=True)
-        cached = [r.grad if r.grad is not None else torch.zeros_like(r) for r in flat]
-        del flat, reps
-        show = self.show_progress_bar
-
-        def _hook(grad_output: Tensor) -> None:
-            replay_backward(embed, chunks, states, cached, grad_output=grad_output, show_progress_bar=show)
-
-        out = loss.detach().requires_grad_(True)
-        out.register_hook(_hook)
-        return out
+        return _loss_replaying_backward(loss, flat, embed, chunks, states, self.show_progress_bar)
 
     def get_config_dict(self) -> dict[str, Any]:
         """The hyper-parameters, as sentence-transformers' CachedMNRL reports them (for model cards)."""
@@ -389,6 +380,19 @@ class FusedCachedMultipleNegativesRankingLoss(FusedMultipleNegativesRankingLoss)
     def citation(self) -> str:
         """GradCache's BibTeX entry (Gao et al. 2021), as sentence-transformers' CachedMNRL gives."""
         return _STCachedMNRL.citation.fget(self)
+
+
+def _loss_replaying_backward(loss: Tensor, flat: list[Tensor], embed, chunks, states, show_progress_bar: bool) -> Tensor:
+    """GradCache's second half: ``loss`` (already backpropagated into the detached mini-batch
+    embeddings ``flat``) as a leaf whose backward replays each mini-batch with its cached gradient."""
+    cached = [r.grad if r.grad is not None else torch.zeros_like(r) for r in flat]
+
+    def _hook(grad_output: Tensor) -> None:
+        replay_backward(embed, chunks, states, cached, grad_output=grad_output, show_progress_bar=show_progress_bar)
+
+    out = loss.detach().requires_grad_(True)
+    out.register_hook(_hook)
+    return out
 
 
 def _guide_features(loss, sentence_feature: dict[str, Any]) -> dict[str, Any]:
@@ -603,16 +607,7 @@ class FusedCachedGISTEmbedLoss(FusedGISTEmbedLoss):
         if not grad_enabled:
             return self.calculate_loss(reps, guide_reps)
         loss = self.calculate_loss(reps, guide_reps, with_backward=True)
-        cached = [r.grad if r.grad is not None else torch.zeros_like(r) for r in flat]
-        del flat, reps
-        show = self.show_progress_bar
-
-        def _hook(grad_output: Tensor) -> None:
-            replay_backward(embed, chunks, states, cached, grad_output=grad_output, show_progress_bar=show)
-
-        out = loss.detach().requires_grad_(True)
-        out.register_hook(_hook)
-        return out
+        return _loss_replaying_backward(loss, flat, embed, chunks, states, self.show_progress_bar)
 
     def calculate_loss(self, reps: list[list[Tensor]], reps_guided: list[list[Tensor]], *,
                        with_backward: bool = False) -> Tensor:

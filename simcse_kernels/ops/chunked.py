@@ -75,15 +75,17 @@ def target_margin(anchors, candidates, labels, tau, margin: float, angular_margi
         return TargetMargin(delta=shift / tau, shift=shift, slope=margin_target_grad(cos, angular_margin))
 
 
-def _add_target_delta(block: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, j0: int) -> None:
+def add_target_delta(block: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, j0: int) -> torch.Tensor:
     """``block[i, labels[i] − j0] += delta[i]`` for the rows whose target lies in the block's columns
-    [j0, j0 + width) (in place; others get 0 added at a clamped column, no host sync)."""
+    [j0, j0 + width) (in place; others get 0 added at a clamped column, no host sync); returns that
+    row mask."""
     width = block.shape[1]
     local = labels - j0
     inside = (local >= 0) & (local < width)
     rows = torch.arange(block.shape[0], device=block.device)
     block.index_put_((rows, local.clamp(0, width - 1)), torch.where(inside, delta, torch.zeros_like(delta)),
                      accumulate=True)
+    return inside
 
 
 def default_chunk_size(n_rows: int, device_type: str = "cpu") -> int:
@@ -134,7 +136,7 @@ def _chunk(
     query_doc = block.rows == "anchors" and block.cols in ("positives", "negatives")
     offset = 0 if block.cols == "positives" else tensors["positives"].shape[0]
     if margins is not None and query_doc:
-        _add_target_delta(logits, labels, margins.delta, j0 + offset)
+        add_target_delta(logits, labels, margins.delta, j0 + offset)
     if options.guide is not None:  # GIST: drop what the guide finds as similar as the positive (never the target)
         drop = (tensors["g_" + block.rows] @ tensors["g_" + block.cols][j0:j1].T) > tensors["g_cut"][:, None]
         if query_doc:
@@ -563,11 +565,11 @@ def _column_lse(rows_s, mix4_s, cols, lay: _Layout, rows_per: int, buf, cache, d
             torch.mm(rows_s[r0:r1], cols[: lay.p].T, out=s)
             if guide is not None:
                 g = guide.rows[r0:r1] @ guide.cols[: lay.p].T
-                _add_target_delta(g, labels[r0:r1], torch.full((r1 - r0,), float("-inf"), device=g.device,
+                add_target_delta(g, labels[r0:r1], torch.full((r1 - r0,), float("-inf"), device=g.device,
                                                                 dtype=g.dtype), 0)
                 s.masked_fill_(g > guide.cut[r0:r1, None], float("-inf"))
             if delta is not None:
-                _add_target_delta(s, labels[r0:r1], delta[r0:r1], 0)
+                add_target_delta(s, labels[r0:r1], delta[r0:r1], 0)
         colmax, colsum = _column_exp_(s, out=scratch)
         clse = torch.logaddexp(clse, colmax + colsum.log())
     return clse, consts, row_lse

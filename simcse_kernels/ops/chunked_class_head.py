@@ -45,6 +45,7 @@ from ..errors import refuse_double_backward
 from ..options import InfoNCEOptions
 from ..reference import NORM_EPS, margin_target_grad, margin_target_logit_cos
 from .budget import budget_is_set, chunk_budget_bytes
+from .chunked import add_target_delta
 from .features import compute_dtype_for, temperature_tensor
 from .normalize import unit_rows
 
@@ -160,18 +161,6 @@ def _inverse_norms(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return norm.clamp_min(NORM_EPS).reciprocal_(), norm >= NORM_EPS
 
 
-def _add_at_targets(block: torch.Tensor, labels: torch.Tensor, values: torch.Tensor, j0: int) -> torch.Tensor:
-    """``block[i, labels[i] − j0] += values[i]`` for the rows whose target lies in the block's columns;
-    returns that mask (no host sync)."""
-    width = block.shape[1]
-    local = labels - j0
-    inside = (local >= 0) & (local < width)
-    rows = torch.arange(block.shape[0], device=block.device)
-    block.index_put_((rows, local.clamp(0, width - 1)), torch.where(inside, values, torch.zeros_like(values)),
-                     accumulate=True)
-    return inside
-
-
 def _logit_tile(out, rows_s, weights, inv, labels, delta, r0, r1, c0, c1) -> torch.Tensor | None:
     """Logits of rows [r0, r1) and classes [c0, c1) into ``out`` (r, c1 − c0); returns the mask of the
     rows whose target class is in the tile (None without margins)."""
@@ -180,7 +169,7 @@ def _logit_tile(out, rows_s, weights, inv, labels, delta, r0, r1, c0, c1) -> tor
         out.mul_(inv[c0:c1])
     if delta is None:
         return None
-    return _add_at_targets(out, labels[r0:r1], delta[r0:r1], c0)
+    return add_target_delta(out, labels[r0:r1], delta[r0:r1], c0)
 
 
 def _finish_weight_grad(d_w: torch.Tensor, weights: torch.Tensor, inv: torch.Tensor, unclamped: torch.Tensor,
@@ -332,7 +321,7 @@ def _columns_plan(buf, plan, rows_s, a_hat, weights, inv, labels, delta, tau, co
             _logit_tile(s, rows_s, weights, inv, labels, delta, r0, r1, c0, c1)
             s.sub_(lse[r0:r1, None]).exp_()
             minus_one = torch.full((r,), -1.0, device=dev, dtype=dt)
-            inside = _add_at_targets(s, labels[r0:r1], minus_one, c0)
+            inside = add_target_delta(s, labels[r0:r1], minus_one, c0)
             if d_t is not None:
                 local = (labels[r0:r1] - c0).clamp(0, c1 - c0 - 1)
                 d_t[r0:r1] = torch.where(inside, s[torch.arange(r, device=dev), local], d_t[r0:r1])
